@@ -49,7 +49,7 @@ class SimilarityConfig(_Section):
     sample_size: int = Field(128, ge=8)
     batch_size: int = Field(32, ge=1)
     # Scale (in nats of mean symmetric KL) at which the BN-statistics score falls to 1/e.
-    kl_scale: float = Field(1.0, gt=0)
+    kl_scale: float = Field(1.5, gt=0)
     bootstrap_rounds: int = Field(200, ge=0)
 
 

@@ -99,14 +99,14 @@ def eval_transform(prep: Preprocessing) -> T.Compose:
     )
 
 
-def train_transform(prep: Preprocessing) -> T.Compose:
-    """Light augmentation for fine-tuning: random resized crop and horizontal flip."""
+def train_transform(prep: Preprocessing, flip: bool = True) -> T.Compose:
+    """Light augmentation for fine-tuning: random resized crop, and horizontal flips for photos."""
     return T.Compose(
         [
             T.RandomResizedCrop(
                 prep.image_size, scale=(0.6, 1.0), interpolation=_interp(prep.interpolation)
             ),
-            T.RandomHorizontalFlip(),
+            T.RandomHorizontalFlip(0.5 if flip else 0.0),
             T.PILToTensor(),
             T.ToDtype(torch.float32, scale=True),
             T.Normalize(prep.mean, prep.std),

@@ -1,0 +1,151 @@
+"""Pooled features at every cut point, computed once per image and cached by content.
+
+A frozen backbone gives the same features every epoch, so the frozen cases (1 and 2), the probe that
+chooses case 2's cut and the similarity stage all read this cache instead of running the network
+again. The cache key is the image's sha256 plus the backbone and preprocessing, so renaming or moving
+files costs nothing and a rerun on the same data embeds nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from components.backbones import Backbone
+from components.images import Preprocessing, eval_transform, open_image
+
+log = logging.getLogger(__name__)
+
+
+class ImageFiles(Dataset):
+    """Image files decoded and transformed in loader workers, so decoding overlaps inference."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: nn.Module) -> None:
+        self.paths, self.labels, self.transform = list(paths), list(labels), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(open_image(self.paths[i])), self.labels[i]
+
+
+def pooled_features(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Global-average-pooled activations after every block and after the head convolution."""
+    out = []
+    x = model.bn1(model.conv_stem(x))
+    for block in model.blocks:
+        x = block(x)
+        out.append(x.mean(dim=(2, 3)))
+    out.append(model.bn2(model.conv_head(x)).mean(dim=(2, 3)))
+    return out
+
+
+def cache_key(backbone: Backbone, prep: Preprocessing) -> str:
+    blob = json.dumps({"backbone": backbone.name, "prep": prep.to_dict()}, sort_keys=True)
+    return f"{backbone.name.replace(':', '_')}-{prep.image_size}px-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+class FeatureCache:
+    """Append-only store of pooled features keyed by image sha256 (one chunk file per extraction)."""
+
+    def __init__(self, folder: Path, cut_points: Sequence[str]) -> None:
+        self.folder = folder
+        self.cut_points = tuple(cut_points)
+        self._index: dict[str, np.ndarray] = {}
+        for chunk in sorted(folder.glob("chunk-*.npz")):
+            with np.load(chunk) as data:
+                for sha, row in zip(data["sha256"], data["features"], strict=True):
+                    self._index[str(sha)] = row
+
+    def missing(self, shas: Sequence[str]) -> list[str]:
+        return [s for s in dict.fromkeys(shas) if s not in self._index]
+
+    def add(self, shas: Sequence[str], features: np.ndarray) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"chunk-{uuid.uuid4().hex}.npz"
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, sha256=np.asarray(shas), features=features)
+        tmp.rename(path)  # atomic: a killed run never leaves a half-written chunk behind
+        self._index.update(zip(shas, features, strict=True))
+
+    def get(self, shas: Sequence[str]) -> np.ndarray:
+        return np.stack([self._index[s] for s in shas]).astype(np.float32)
+
+
+def split_by_cut(
+    features: np.ndarray, widths: Sequence[int], cut_points: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Slice the concatenated per-cut features back into one array per cut point."""
+    bounds = np.cumsum([0, *widths])
+    return {c: features[:, bounds[i] : bounds[i + 1]] for i, c in enumerate(cut_points)}
+
+
+def choose_device(preference: str) -> torch.device:
+    """CUDA when asked for or available (``auto``), else CPU."""
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@torch.inference_mode()
+def _run_backbone(
+    backbone: Backbone, paths: Sequence[str], prep: Preprocessing, batch_size: int,
+    num_workers: int, device: torch.device,
+) -> np.ndarray:  # fmt: skip
+    model = backbone.model.to(device).eval()
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    loader = DataLoader(
+        ImageFiles(paths, [0] * len(paths), eval_transform(prep)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    chunks = []
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for images, _ in tqdm(loader, desc=f"embedding {len(paths)} images", unit="batch", leave=False):
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast:
+            feats = pooled_features(model, images)
+        chunks.append(torch.cat(feats, dim=1).float().cpu().numpy())
+    backbone.model.to("cpu")
+    return np.concatenate(chunks).astype(np.float16)
+
+
+def extract_features(
+    backbone: Backbone,
+    paths: Sequence[str],
+    shas: Sequence[str],
+    prep: Preprocessing,
+    cache_root: Path,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    device: torch.device | None = None,
+) -> dict[str, np.ndarray]:
+    """Features at every cut point for the given images, computing only what the cache lacks."""
+    folder = cache_root / cache_key(backbone, prep)
+    cache = FeatureCache(folder, backbone.cut_points)
+    todo = cache.missing(shas)
+    log.info(
+        "features: %d images, %d cached, %d to compute", len(shas), len(shas) - len(todo), len(todo)
+    )
+    if todo:
+        first_path = {s: p for p, s in zip(paths, shas, strict=True)}
+        computed = _run_backbone(
+            backbone, [first_path[s] for s in todo], prep, batch_size, num_workers,
+            device or choose_device("auto"),
+        )  # fmt: skip
+        cache.add(todo, computed)
+    widths = [backbone.channels(c) for c in backbone.cut_points]
+    return split_by_cut(cache.get(shas), widths, backbone.cut_points)

@@ -1,0 +1,80 @@
+"""The decision report: what the pipeline measured, what it chose, and why, in a few lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from components.counting import DatasetCounts
+from components.similarity import SimilarityReport
+from components.strategy import TransferPlan
+
+
+def plot_similarity_profile(report: SimilarityReport, path: Path) -> Path:
+    """Per-layer divergence from the source statistics, first layer to last (log scale)."""
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    ax.bar(range(len(report.layer_kl)), np.maximum(report.layer_kl, 1e-4), color="tab:blue")
+    ax.set_yscale("log")
+    ax.set_xlabel("BatchNorm layer (input side to output side)")
+    ax.set_ylabel("symmetric KL to source stats")
+    ax.set_title(f"similarity {report.score:.2f} [{report.low:.2f}, {report.high:.2f}], mean KL {report.mean_kl:.2f}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_probe(plan: TransferPlan, path: Path) -> Path | None:
+    """Linear-probe accuracy per cut point, the chosen cut highlighted."""
+    if plan.probe is None:
+        return None
+    probe = plan.probe
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    colours = ["tab:orange" if c == probe.chosen else "tab:gray" for c in probe.cuts]
+    ax.bar(probe.cuts, probe.means, yerr=probe.stds, color=colours)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("probe accuracy (CV)")
+    ax.set_title(f"cut chosen: {probe.chosen}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def decision_markdown(counts: DatasetCounts, similarity: SimilarityReport, plan: TransferPlan) -> str:
+    """A short human-readable report of the decision and the numbers behind it."""
+    worst = np.argsort(similarity.layer_kl)[::-1][:3]
+    lines = [
+        f"# Transfer decision: case {plan.case}",
+        "",
+        plan.reason,
+        "",
+        "## Size",
+        f"{counts.total} usable images in {len(counts.classes)} classes; smallest class has "
+        f"{counts.min_train_per_class} training images (large from {plan.large_images_per_class}).",
+        "",
+        counts.to_markdown(),
+        "",
+        "## Similarity to the source domain",
+        f"- score **{similarity.score:.3f}** (90% bootstrap interval {similarity.low:.3f}-{similarity.high:.3f}, "
+        f"threshold {plan.similar_threshold:.2f}){' - **uncertain**' if plan.uncertain else ''}",
+        f"- mean symmetric KL to the backbone's BatchNorm statistics: {similarity.mean_kl:.3f} over "
+        f"{similarity.n_images} images (score = exp(-KL / {similarity.kl_scale}))",
+        "- largest differences at: "
+        + ", ".join(f"{similarity.layer_names[i]} ({similarity.layer_kl[i]:.2f})" for i in worst),
+        f"- source classifier: mean normalised entropy {similarity.source_entropy:.3f}, "
+        f"mean top probability {similarity.source_max_prob:.3f}",
+    ]
+    if plan.probe is not None:
+        lines += ["", "## Probe per cut point (case 2)", "| cut | accuracy | std |", "|---|---|---|"]
+        lines += [
+            f"| {c}{' (chosen)' if c == plan.probe.chosen else ''} | {m:.3f} | {s:.3f} |"
+            for c, m, s in zip(plan.probe.cuts, plan.probe.means, plan.probe.stds, strict=True)
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,140 @@
+"""Choosing the transfer case (size x similarity) and, for case 2, where to cut the network.
+
+The rule is the classic one; what this module adds is that every judgement is a measured number
+compared with a documented, overridable threshold, and the reason is written down as a sentence.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from components.config import StrategyConfig
+from components.counting import DatasetCounts
+from components.errors import ConfigError
+from components.similarity import SimilarityReport
+
+log = logging.getLogger(__name__)
+
+CASE_NAMES = {
+    1: "small, similar: frozen backbone, new last layer",
+    2: "small, different: early layers kept and frozen, new classifier",
+    3: "large, similar: new last layer, whole network fine-tuned from pre-trained weights",
+    4: "large, different: fine-tune from pre-trained weights, random initialisation as fallback",
+}
+
+
+@dataclass(frozen=True)
+class ProbeScores:
+    """Cross-validated accuracy of a linear probe on pooled features at each cut point."""
+
+    cuts: tuple[str, ...]
+    means: tuple[float, ...]
+    stds: tuple[float, ...]
+    chosen: str
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """The decision and every number behind it."""
+
+    case: int
+    cut: str | None  # case 2 only: the last layer kept
+    size: str  # "small" | "large"
+    similarity: str  # "similar" | "different"
+    uncertain: bool  # the similarity interval straddles the threshold
+    reason: str
+    overridden: bool
+    min_images_per_class: int
+    large_images_per_class: int
+    similarity_score: float
+    similar_threshold: float
+    probe: ProbeScores | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def probe_cuts(features: dict[str, np.ndarray], labels: np.ndarray, seed: int, folds: int = 3) -> ProbeScores:
+    """Pick case 2's cut: the earliest cut whose probe accuracy is within noise of the best.
+
+    Earlier cuts mean a smaller, faster model and features that are less specific to the source
+    task, so a tie goes to the earlier one ("within noise" = one standard error of the best).
+    """
+    counts = np.bincount(np.unique(labels, return_inverse=True)[1])
+    k = int(max(2, min(folds, counts.min())))
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    cuts, means, stds = [], [], []
+    for cut, x in features.items():
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=0.5))
+        scores = cross_val_score(probe, x, labels, cv=splitter)
+        cuts.append(cut)
+        means.append(float(scores.mean()))
+        stds.append(float(scores.std()))
+    best = int(np.argmax(means))
+    bar = means[best] - stds[best] / np.sqrt(k)
+    chosen = next(c for c, m in zip(cuts, means, strict=True) if m >= bar)
+    log.info("probe accuracies %s -> cut after %s", {c: round(m, 3) for c, m in zip(cuts, means, strict=True)}, chosen)
+    return ProbeScores(tuple(cuts), tuple(means), tuple(stds), chosen)
+
+
+def planned_case(counts: DatasetCounts, similarity: SimilarityReport, cfg: StrategyConfig) -> int:
+    """The case that will be trained (the rule's, or the override), before any probing."""
+    if cfg.case != "auto":
+        return int(cfg.case)
+    large = counts.min_train_per_class >= cfg.large_images_per_class
+    similar = similarity.score >= cfg.similar_threshold
+    return {(False, True): 1, (False, False): 2, (True, True): 3, (True, False): 4}[(large, similar)]
+
+
+def select_case(
+    counts: DatasetCounts,
+    similarity: SimilarityReport,
+    cfg: StrategyConfig,
+    probe: ProbeScores | None = None,
+) -> TransferPlan:
+    """Apply the size x similarity rule (or the user's override) and say why."""
+    size = "large" if counts.min_train_per_class >= cfg.large_images_per_class else "small"
+    similar = similarity.score >= cfg.similar_threshold
+    verdict = "similar" if similar else "different"
+    uncertain = similarity.low < cfg.similar_threshold <= similarity.high
+    rule_case = {("small", True): 1, ("small", False): 2, ("large", True): 3, ("large", False): 4}[
+        (size, similar)
+    ]
+    overridden = cfg.case != "auto"
+    case = rule_case if not overridden else int(cfg.case)
+    reason = (
+        f"{size}: the smallest class has {counts.min_train_per_class} training images "
+        f"({'>=' if size == 'large' else '<'} {cfg.large_images_per_class} per class); "
+        f"{verdict}: similarity {similarity.score:.2f} (90% interval {similarity.low:.2f}-"
+        f"{similarity.high:.2f}) is {'>=' if similar else '<'} the threshold {cfg.similar_threshold:.2f}"
+        f"{', an uncertain call' if uncertain else ''}; so case {rule_case} ({CASE_NAMES[rule_case]})."
+    )
+    if overridden:
+        reason += f" Overridden by configuration: case {case} ({CASE_NAMES[case]})."
+    cut = None
+    if case == 2:
+        if cfg.cut_block is not None:
+            cut = f"block{cfg.cut_block}"
+            reason += f" Cut after {cut} (set in configuration)."
+        elif probe is not None:
+            cut = probe.chosen
+            best = probe.cuts[int(np.argmax(probe.means))]
+            reason += (
+                f" Cut after {cut}: a linear probe scored {probe.means[probe.cuts.index(cut)]:.3f} there "
+                f"(best {max(probe.means):.3f} at {best}; the earliest cut within noise wins)."
+            )
+        else:
+            raise ConfigError("case 2 needs strategy.cut_block or probe scores to choose the cut")
+    return TransferPlan(
+        case=case, cut=cut, size=size, similarity=verdict, uncertain=uncertain, reason=reason,
+        overridden=overridden, min_images_per_class=counts.min_train_per_class,
+        large_images_per_class=cfg.large_images_per_class, similarity_score=similarity.score,
+        similar_threshold=cfg.similar_threshold, probe=probe,
+    )  # fmt: skip

@@ -1,0 +1,165 @@
+"""``transfer-pipeline``: run, plan, demo, serve on a schedule, serve a registered model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+# Offline by default: no analytics, and component loggers show up in Prefect's run logs.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+from components.config import PipelineConfig, load_config  # noqa: E402
+from components.errors import PipelineError  # noqa: E402
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _config(args: argparse.Namespace) -> PipelineConfig:
+    overrides: dict[str, Any] = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise PipelineError(f"--set expects KEY=VALUE (e.g. train.device=cpu), got {item!r}")
+        overrides[key] = _parse_value(value)
+    if getattr(args, "case", None) and args.case != "auto":
+        overrides["strategy.case"] = int(args.case)
+    if args.output_dir:
+        overrides["output_dir"] = str(args.output_dir)
+    return load_config(args.config, overrides)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    print(f"\ncase {summary['case']}{' (cut after ' + summary['cut'] + ')' if summary.get('cut') else ''}")
+    print(f"why: {summary['reason']}")
+    if summary.get("quarantined"):
+        print(f"quarantined {len(summary['quarantined'])} file(s):")
+        for q in summary["quarantined"][:10]:
+            print(f"  {q['path']}: {q['reason']}")
+    if "metrics" in summary:
+        m = summary["metrics"]
+        test = f", test accuracy {m['test_accuracy']:.4f}" if m.get("test_accuracy") is not None else ""
+        print(f"validation accuracy {m['val_accuracy']:.4f}{test} (trained on {summary['device']})")
+        print(f"ONNX model: {summary['onnx_path']} (max |diff| vs PyTorch {summary['onnx_max_abs_diff']:.1e})")
+        print(f"MLflow run: {summary['mlflow_run_id']} at {summary['mlflow_tracking_uri']}")
+        print(f"registered: {summary['model_uri']}")
+    print(f"report: {summary['report']}")
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary["stage_seconds"].items())
+    print(f"took {summary['seconds']:.1f} s ({stages})")
+
+
+def _run_flow(kind: str, data: str, cfg: PipelineConfig, as_json: bool) -> int:
+    from flows.transfer import FLOWS
+
+    summary = FLOWS[kind](data=data, config=cfg)
+    if as_json:
+        sys.stdout.write(json.dumps(summary, default=str) + "\n")
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    return _run_flow("run", args.data, _config(args), args.json)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    return _run_flow("plan", args.data, _config(args), args.json)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from components.demo_data import materialise_digits
+
+    cfg = _config(args)
+    data = materialise_digits(cfg.output_dir / "demo-data" / "digits")
+    print(f"demo data: scikit-learn's handwritten digits written to {data}", file=sys.stderr)
+    return _run_flow("run", str(data), cfg, args.json)
+
+
+def _cmd_serve_schedule(args: argparse.Namespace) -> int:
+    from flows.transfer import transfer_flow
+
+    cfg = _config(args)
+    transfer_flow.serve(
+        name=args.name,
+        cron=args.cron,
+        parameters={"data": str(Path(args.data).resolve()), "config": cfg.model_dump(mode="json")},
+    )
+    return 0
+
+
+def _cmd_serve_model(args: argparse.Namespace) -> int:
+    from components import serving, tracking
+    from components.images import Preprocessing
+
+    cfg = _config(args)
+    uri = tracking.resolve_tracking_uri(cfg.tracking, cfg.output_dir)
+    onnx_path, labels, prep = tracking.load_registered(args.model_uri, uri)
+    classifier = serving.OnnxClassifier(onnx_path, labels, Preprocessing.from_dict(prep))
+    print(f"serving {args.model_uri} on http://{args.host}:{args.port}", file=sys.stderr)
+    serving.serve_forever(classifier, host=args.host, port=args.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="transfer-pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, help="pipeline.yaml with any of the config sections")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.device=cpu")
+        p.add_argument("--output-dir", type=Path, help="where runs, the feature cache and mlruns go")
+
+    for name, func, text in (("run", _cmd_run, "train, export and register a model"),
+                             ("plan", _cmd_plan, "decide the case and report why; train nothing")):  # fmt: skip
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--data", required=True, help="ROOT/<class>/* or ROOT/{train,val[,test]}/<class>/*")
+        p.add_argument("--case", choices=["auto", "1", "2", "3", "4"], default="auto")
+        p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+        common(p)
+        p.set_defaults(func=func)
+    p = sub.add_parser("demo", help="run the flow on scikit-learn's bundled digits")
+    p.add_argument("--case", choices=["auto", "1", "2", "3", "4"], default="auto")
+    p.add_argument("--json", action="store_true")
+    common(p)
+    p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("serve-schedule", help="serve the flow with a cron schedule (Prefect)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--cron", default="0 3 * * 1", help="cron expression (default: Mondays 03:00)")
+    p.add_argument("--name", default="scheduled-retrain")
+    common(p)
+    p.set_defaults(func=_cmd_serve_schedule)
+    p = sub.add_parser("serve-model", help="serve a registered model over HTTP (ONNX Runtime)")
+    p.add_argument("--model-uri", required=True, help="e.g. models:/digits@candidate")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    common(p)
+    p.set_defaults(func=_cmd_serve_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "alembic", "mlflow.store", "onnx_ir", "onnxscript"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except PipelineError as err:
+        print(f"transfer-pipeline: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

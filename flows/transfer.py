@@ -1,0 +1,163 @@
+"""The flows: wiring only. ``transfer_flow`` goes from an image folder to a registered ONNX model;
+``plan_flow`` stops after the decision, for a dry run before spending compute."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from components.config import PipelineConfig
+from components.counting import DatasetCounts
+from components.images import Preprocessing
+from components.backbones import load_backbone
+from components.similarity import SimilarityReport
+from components.strategy import TransferPlan
+from components.training import choose_image_size
+from components.validation import ValidationReport
+from tasks.context import RunContext, dataset_name, make_context
+from tasks.dataset import count_dataset, scan_dataset
+from tasks.export import export_model
+from tasks.features import embed_dataset
+from tasks.similarity import score_similarity
+from tasks.strategy import select_case
+from tasks.tracking import log_and_register
+from tasks.training import evaluate_model, train_model
+from tasks.validation import validate_dataset
+
+
+@dataclass
+class StageClock:
+    """Wall time per stage, for the summary and the benchmarks."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+@dataclass(frozen=True)
+class Decision:
+    ctx: RunContext
+    validation: ValidationReport
+    counts: DatasetCounts
+    prep: Preprocessing
+    image_size_reason: str
+    similarity: SimilarityReport
+    plan: TransferPlan
+
+
+def _run_name() -> str:
+    params = flow_run.parameters
+    cfg = params.get("config") or PipelineConfig()
+    if isinstance(cfg, dict):
+        cfg = PipelineConfig.model_validate(cfg)
+    return dataset_name(Path(params["data"]), cfg)
+
+
+def input_preprocessing(counts: DatasetCounts, cfg: PipelineConfig) -> tuple[Preprocessing, str]:
+    """The backbone's own preprocessing at the resolution chosen for this data."""
+    native = load_backbone(cfg.backbone, cfg.backbone_weights).preprocessing
+    size, reason = choose_image_size(cfg.train.image_size, counts.median_short_side, native.image_size)
+    return Preprocessing(size, native.mean, native.std, native.crop_pct, native.interpolation), reason
+
+
+def decide(data: str, cfg: PipelineConfig, clock: StageClock) -> Decision:
+    """Validate, count, embed, score similarity and choose the case."""
+    ctx = make_context(Path(data), cfg)
+    with clock.stage("scan"):
+        manifest = scan_dataset(ctx, cfg.data, cfg.validation, cfg.seed)
+    with clock.stage("validate"):
+        validation = validate_dataset(manifest, cfg.validation, ctx.run_dir)
+    with clock.stage("count"):
+        counts = count_dataset(validation.usable_manifest_path)
+    prep, reason = input_preprocessing(counts, cfg)
+    with clock.stage("embed"):
+        embed_dataset(validation.usable_manifest_path, prep, cfg, ctx.cache_dir)
+    with clock.stage("similarity"):
+        similarity = score_similarity(validation.usable_manifest_path, cfg, ctx.run_dir)
+    with clock.stage("select_case"):
+        plan = select_case(validation.usable_manifest_path, counts, similarity, prep, cfg, ctx.cache_dir,
+                           ctx.run_dir)  # fmt: skip
+    return Decision(ctx, validation, counts, prep, reason, similarity, plan)
+
+
+def _decision_summary(d: Decision) -> dict[str, Any]:
+    return {
+        "dataset": d.ctx.name,
+        "case": d.plan.case,
+        "cut": d.plan.cut,
+        "reason": d.plan.reason,
+        "uncertain": d.plan.uncertain,
+        "overridden": d.plan.overridden,
+        "similarity": {"score": d.similarity.score, "low": d.similarity.low, "high": d.similarity.high,
+                       "mean_kl": d.similarity.mean_kl},  # fmt: skip
+        "counts": {"total": d.counts.total, "per_split": d.counts.per_split, "per_class": d.counts.per_class},
+        "thresholds": {"large_images_per_class": d.plan.large_images_per_class,
+                       "similar_threshold": d.plan.similar_threshold},  # fmt: skip
+        "quarantined": [{"path": q.path, "reason": q.reason} for q in d.validation.quarantined],
+        "image_size": d.prep.image_size,
+        "image_size_reason": d.image_size_reason,
+        "run_dir": str(d.ctx.run_dir),
+        "report": str(d.ctx.run_dir / "decision.md"),
+    }
+
+
+@flow(name="transfer-plan", flow_run_name=_run_name, log_prints=True)
+def plan_flow(data: str, config: PipelineConfig | None = None) -> dict[str, Any]:
+    """Everything up to the decision; trains nothing."""
+    cfg = config or PipelineConfig()
+    clock = StageClock()
+    start = time.perf_counter()
+    summary = _decision_summary(decide(data, cfg, clock))
+    return {**summary, "stage_seconds": clock.seconds, "seconds": round(time.perf_counter() - start, 3)}
+
+
+@flow(name="transfer-pipeline", flow_run_name=_run_name, log_prints=True)
+def transfer_flow(data: str, config: PipelineConfig | None = None) -> dict[str, Any]:
+    """Image folder in, registered ONNX model out; returns the run summary."""
+    cfg = config or PipelineConfig()
+    clock = StageClock()
+    start = time.perf_counter()
+    d = decide(data, cfg, clock)
+    manifest, classes, run_dir = d.validation.usable_manifest_path, list(d.counts.classes), d.ctx.run_dir
+    with clock.stage("train"):
+        trained = train_model(manifest, classes, d.plan, d.prep, cfg, d.ctx.cache_dir, run_dir)
+    with clock.stage("evaluate"):
+        metrics = evaluate_model(manifest, trained, d.prep, cfg, d.ctx.cache_dir, run_dir)
+    with clock.stage("export"):
+        exported = export_model(manifest, trained.model_path, d.prep, cfg, run_dir)
+    with clock.stage("log_and_register"):
+        run_id, registered, uri = log_and_register(
+            d.ctx, cfg, d.validation, d.counts, d.similarity, d.plan, trained, metrics, exported, d.prep
+        )
+    return {
+        **_decision_summary(d),
+        "metrics": {"val_accuracy": None, "test_accuracy": None}
+        | {f"{k}_accuracy": m.accuracy for k, m in metrics.items()},
+        "attempts": list(trained.attempts),
+        "device": trained.device,
+        "onnx_path": str(exported.onnx_path),
+        "onnx_max_abs_diff": exported.max_abs_diff,
+        "mlflow_tracking_uri": uri,
+        "mlflow_run_id": run_id,
+        "registered_model": registered.name,
+        "model_version": registered.version,
+        "model_uri": registered.model_uri,
+        "stage_seconds": clock.seconds,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+FLOWS: dict[str, Callable[..., dict[str, Any]]] = {"run": transfer_flow, "plan": plan_flow}

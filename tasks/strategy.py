@@ -1,0 +1,40 @@
+"""Case-selection task: the size x similarity rule, a probe for case 2's cut, and the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from components import strategy
+from components.backbones import load_backbone
+from components.config import PipelineConfig
+from components.counting import DatasetCounts
+from components.dataset import read_manifest
+from components.images import Preprocessing
+from components.reporting import decision_markdown, plot_probe
+from components.similarity import SimilarityReport
+from components.splits import load_splits
+
+
+@task(name="select-case", cache_policy=NO_CACHE)
+def select_case(
+    usable_manifest: Path, counts: DatasetCounts, similarity: SimilarityReport, prep: Preprocessing,
+    cfg: PipelineConfig, cache_dir: Path, run_dir: Path,
+) -> strategy.TransferPlan:  # fmt: skip
+    """Decide the case (and cut), write the decision report and publish it."""
+    probe = None
+    if strategy.planned_case(counts, similarity, cfg.strategy) == 2 and cfg.strategy.cut_block is None:
+        backbone = load_backbone(cfg.backbone, cfg.backbone_weights)
+        train = load_splits(read_manifest(usable_manifest), list(counts.classes), backbone, prep,
+                            cache_dir, cfg.train.num_workers)["train"]  # fmt: skip
+        probe = strategy.probe_cuts(train.features, train.labels, cfg.seed)
+    plan = strategy.select_case(counts, similarity, cfg.strategy, probe)
+    report = decision_markdown(counts, similarity, plan)
+    (run_dir / "decision.md").write_text(report)
+    plot_probe(plan, run_dir / "probe.png")
+    get_run_logger().info(plan.reason)
+    create_markdown_artifact(key="decision-report", markdown=report, description=f"case {plan.case}")
+    return plan
