@@ -23,9 +23,19 @@ from components.errors import DataValidationError
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = (
-    "path", "relpath", "label", "split", "bytes", "sha256",
-    "format", "width", "height", "mode", "decodable", "error",
-)  # fmt: skip
+    "path",
+    "relpath",
+    "label",
+    "split",
+    "bytes",
+    "sha256",
+    "format",
+    "width",
+    "height",
+    "mode",
+    "decodable",
+    "error",
+)
 SPLIT_ALIASES = {
     "train": "train",
     "val": "val",
@@ -146,10 +156,15 @@ def scan_dataset(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         details = list(pool.map(lambda f: inspect_file(f[0], validation.max_image_pixels), found))
     rows = [
-        {"path": str(p.resolve()), "relpath": str(p.relative_to(root)), "label": label,
-         "split": split or "", **detail}
+        {
+            "path": str(p.resolve()),
+            "relpath": str(p.relative_to(root)),
+            "label": label,
+            "split": split or "",
+            **detail,
+        }
         for (p, label, split), detail in zip(found, details, strict=True)
-    ]  # fmt: skip
+    ]
     frame = pd.DataFrame(rows)
     if not has_splits:
         frame["split"] = assign_splits(frame, cfg, seed)
@@ -162,5 +177,7 @@ def scan_dataset(
 
 def read_manifest(path: Path) -> pd.DataFrame:
     """Load a manifest CSV written by the pipeline, keeping empty strings as strings."""
-    text = {c: str for c in ("path", "relpath", "label", "split", "sha256", "format", "mode", "error")}
+    text = {
+        c: str for c in ("path", "relpath", "label", "split", "sha256", "format", "mode", "error")
+    }
     return pd.read_csv(path, keep_default_na=False, dtype=text)

@@ -29,33 +29,54 @@ class SplitMetrics:
     confusion: list[list[int]]
 
     def to_dict(self) -> dict[str, object]:
-        return {"split": self.split, "n": self.n, "accuracy": self.accuracy,
-                "per_class": self.per_class, "confusion": self.confusion}  # fmt: skip
+        return {
+            "split": self.split,
+            "n": self.n,
+            "accuracy": self.accuracy,
+            "per_class": self.per_class,
+            "confusion": self.confusion,
+        }
 
 
 def model_logits(
-    model: torch.nn.Module, paths: list[str], features: dict[str, np.ndarray] | None,
-    prep: Preprocessing, batch_size: int, num_workers: int, device_setting: str,
-) -> np.ndarray:  # fmt: skip
+    model: torch.nn.Module,
+    paths: list[str],
+    features: dict[str, np.ndarray] | None,
+    prep: Preprocessing,
+    batch_size: int,
+    num_workers: int,
+    device_setting: str,
+) -> np.ndarray:
     """Logits for ``paths``: from cached features when the backbone is frozen, else from images."""
     if isinstance(model, FrozenTransferModel) and features is not None:
         with torch.inference_mode():
             return model.head(torch.from_numpy(features).float()).numpy()
-    loader = DataLoader(ImageFiles(paths, [0] * len(paths), eval_transform(prep)),
-                        batch_size=batch_size, num_workers=num_workers)  # fmt: skip
+    loader = DataLoader(
+        ImageFiles(paths, [0] * len(paths), eval_transform(prep)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+    )
     device = choose_device(device_setting)
     logits, _ = predict_logits(model.to(device), loader, device)
     model.to("cpu")
     return logits
 
 
-def split_metrics(split: str, logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> SplitMetrics:
+def split_metrics(
+    split: str, logits: np.ndarray, labels: np.ndarray, classes: list[str]
+) -> SplitMetrics:
     """Accuracy and per-class precision/recall of ``logits`` against integer ``labels``."""
     pred = logits.argmax(1)
     idx = list(range(len(classes)))
-    precision, recall, _, support = precision_recall_fscore_support(labels, pred, labels=idx, zero_division=0)
+    precision, recall, _, support = precision_recall_fscore_support(
+        labels, pred, labels=idx, zero_division=0
+    )
     per_class = {
-        c: {"precision": float(precision[i]), "recall": float(recall[i]), "support": int(support[i])}
+        c: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "support": int(support[i]),
+        }
         for i, c in enumerate(classes)
     }
     cm = confusion_matrix(labels, pred, labels=idx)
@@ -74,7 +95,9 @@ def plot_confusion(metrics: SplitMetrics, classes: list[str], path: Path) -> Pat
     ax.set_ylabel("true")
     ax.set_title(f"{metrics.split}: accuracy {metrics.accuracy:.3f} (n={metrics.n})")
     for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+        ax.text(
+            j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black"
+        )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

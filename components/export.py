@@ -71,7 +71,7 @@ def export_onnx(
         raise ValueError(f"sample must be a (N, C, H, W) batch, got shape {tuple(sample.shape)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cpu_model = copy.deepcopy(model).to("cpu").eval()
+    cpu_model = _cpu_eval_copy(model)
     sample = sample.detach().to("cpu", torch.float32)
     example = sample[:2]
 
@@ -123,6 +123,14 @@ def export_onnx(
     )
 
 
+def _cpu_eval_copy(model: torch.nn.Module) -> torch.nn.Module:
+    # Already a CPU model in eval mode (our own copy, or the caller's): nothing would change.
+    on_cpu = all(t.device.type == "cpu" for t in (*model.parameters(), *model.buffers()))
+    if on_cpu and not any(m.training for m in model.modules()):
+        return model
+    return copy.deepcopy(model).to("cpu").eval()
+
+
 def _export_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
     torch.onnx.export(
         model,
@@ -171,7 +179,7 @@ def check_parity(
     Raises ``ExportParityError`` naming both numbers and the file when any prediction differs or
     the largest absolute logit difference exceeds ``cfg.atol``.
     """
-    cpu_model = copy.deepcopy(model).to("cpu").eval()
+    cpu_model = _cpu_eval_copy(model)
     sample = sample.detach().to("cpu", torch.float32)
     with torch.inference_mode():
         expected = cpu_model(sample).numpy()
@@ -179,8 +187,7 @@ def check_parity(
     got = session.run([OUTPUT_NAME], {INPUT_NAME: sample.numpy()})[0]
     if got.shape != expected.shape:
         raise ExportParityError(
-            f"ONNX model {onnx_path} returned logits of shape {got.shape}, "
-            f"PyTorch {expected.shape}"
+            f"ONNX model {onnx_path} returned logits of shape {got.shape}, PyTorch {expected.shape}"
         )
     diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
     agreement = float(np.mean(got.argmax(axis=1) == expected.argmax(axis=1)))
@@ -198,11 +205,12 @@ def onnx_session(path: Path) -> onnxruntime.InferenceSession:
     """An ONNX Runtime session on CUDA when a GPU is usable, else on CPU.
 
     onnxruntime-gpu lists the CUDA provider even on machines without a GPU and then logs an error
-    while falling back, so CUDA is only asked for when PyTorch can see a device.
+    while falling back, so CUDA is only asked for when PyTorch can see a device. TF32 stays off so
+    GPU results keep float32 precision (parity and serving match the CPU reference).
     """
-    providers = ["CPUExecutionProvider"]
+    providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers() and (
         torch.cuda.is_available()
     ):
-        providers.insert(0, "CUDAExecutionProvider")
+        providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
     return onnxruntime.InferenceSession(str(path), providers=providers)

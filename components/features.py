@@ -100,9 +100,13 @@ def choose_device(preference: str) -> torch.device:
 
 @torch.inference_mode()
 def _run_backbone(
-    backbone: Backbone, paths: Sequence[str], prep: Preprocessing, batch_size: int,
-    num_workers: int, device: torch.device,
-) -> np.ndarray:  # fmt: skip
+    backbone: Backbone,
+    paths: Sequence[str],
+    prep: Preprocessing,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+) -> np.ndarray:
     model = backbone.model.to(device).eval()
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
@@ -143,9 +147,13 @@ def extract_features(
     if todo:
         first_path = {s: p for p, s in zip(paths, shas, strict=True)}
         computed = _run_backbone(
-            backbone, [first_path[s] for s in todo], prep, batch_size, num_workers,
+            backbone,
+            [first_path[s] for s in todo],
+            prep,
+            batch_size,
+            num_workers,
             device or choose_device("auto"),
-        )  # fmt: skip
+        )
         cache.add(todo, computed)
     widths = [backbone.channels(c) for c in backbone.cut_points]
     return split_by_cut(cache.get(shas), widths, backbone.cut_points)

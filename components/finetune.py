@@ -51,9 +51,14 @@ class FinetuneResult:
 
 
 def _loader(
-    paths: Sequence[str], labels: Sequence[int], transform: nn.Module, settings: FinetuneSettings,
-    shuffle: bool, device: torch.device, seed: int,
-) -> DataLoader:  # fmt: skip
+    paths: Sequence[str],
+    labels: Sequence[int],
+    transform: nn.Module,
+    settings: FinetuneSettings,
+    shuffle: bool,
+    device: torch.device,
+    seed: int,
+) -> DataLoader:
     return DataLoader(
         ImageFiles(paths, labels, transform),
         batch_size=settings.batch_size,
@@ -67,14 +72,18 @@ def _loader(
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def predict_logits(
+    model: nn.Module, loader: DataLoader, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
     """Logits and labels for every image in ``loader``."""
     model.eval()
     outs, ys = [], []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for images, labels in loader:
         with autocast:
-            logits = model(images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+            logits = model(
+                images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            )
         outs.append(logits.float().cpu().numpy())
         ys.append(labels.numpy())
     return np.concatenate(outs), np.concatenate(ys)
@@ -129,20 +138,30 @@ def finetune(
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
-        history, best_acc, best_epoch = list(saved["history"]), saved["best_acc"], saved["best_epoch"]
+        history, best_acc, best_epoch = (
+            list(saved["history"]),
+            saved["best_acc"],
+            saved["best_epoch"],
+        )
         best_state = saved["best_state"]
         first_epoch = resumed = saved["epoch"] + 1
         torch.set_rng_state(saved["rng"])
-        log.info("resuming fine-tuning from checkpoint %s after epoch %d", checkpoint, saved["epoch"])
+        log.info(
+            "resuming fine-tuning from checkpoint %s after epoch %d", checkpoint, saved["epoch"]
+        )
     for epoch in range(first_epoch, settings.epochs):
         if epoch - best_epoch > settings.patience and best_epoch >= 0:
             log.info("early stop: no improvement for %d epochs", settings.patience)
             break
         model.train()
         total, seen = 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{settings.epochs}", unit="batch", leave=False)
+        bar = tqdm(
+            train_loader, desc=f"epoch {epoch + 1}/{settings.epochs}", unit="batch", leave=False
+        )
         for images, labels in bar:
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            images = images.to(device, non_blocking=True).contiguous(
+                memory_format=torch.channels_last
+            )
             labels = labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = loss_fn(model(images), labels)
@@ -150,27 +169,43 @@ def finetune(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(labels)
+            total += loss.item() * len(labels)
             seen += len(labels)
             bar.set_postfix(loss=f"{total / seen:.3f}")
         logits, ys = predict_logits(model, val_loader, device)
         val_acc = float((logits.argmax(1) == ys).mean())
-        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(ys).long()))
-        history.append({"train_loss": total / max(seen, 1), "val_loss": val_loss, "val_accuracy": val_acc})
-        log.info("epoch %d: train loss %.4f, val accuracy %.4f", epoch + 1, total / max(seen, 1), val_acc)
+        val_loss = float(
+            nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(ys).long())
+        )
+        history.append(
+            {"train_loss": total / max(seen, 1), "val_loss": val_loss, "val_accuracy": val_acc}
+        )
+        log.info(
+            "epoch %d: train loss %.4f, val accuracy %.4f", epoch + 1, total / max(seen, 1), val_acc
+        )
         if val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         tmp = checkpoint.with_suffix(".tmp")
         torch.save(
-            {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "history": history, "best_acc": best_acc, "best_epoch": best_epoch, "best_state": best_state,
-             "epoch": epoch, "rng": torch.get_rng_state()},
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "history": history,
+                "best_acc": best_acc,
+                "best_epoch": best_epoch,
+                "best_state": best_state,
+                "epoch": epoch,
+                "rng": torch.get_rng_state(),
+            },
             tmp,
-        )  # fmt: skip
+        )
         tmp.replace(checkpoint)  # atomic, so a kill mid-write leaves the previous checkpoint intact
     if best_state is not None:
         model.load_state_dict(best_state)
     model.to("cpu").to(memory_format=torch.contiguous_format).eval()
-    return FinetuneResult(best_acc, best_epoch, tuple(history), resumed, time.perf_counter() - start)
+    return FinetuneResult(
+        best_acc, best_epoch, tuple(history), resumed, time.perf_counter() - start
+    )

@@ -28,9 +28,17 @@ class HeadFit:
 
 
 def _fit_once(
-    x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, num_classes: int,
-    epochs: int, lr: float, weight_decay: float, label_smoothing: float, seed: int,
-) -> tuple[nn.Linear, int, float, list[dict[str, float]]]:  # fmt: skip
+    x: torch.Tensor,
+    y: torch.Tensor,
+    xv: torch.Tensor,
+    yv: torch.Tensor,
+    num_classes: int,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    label_smoothing: float,
+    seed: int,
+) -> tuple[nn.Linear, int, float, list[dict[str, float]]]:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     layer = nn.Linear(x.shape[1], num_classes)
@@ -50,13 +58,15 @@ def _fit_once(
             loss = loss_fn(layer(x[idx]), y[idx])
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         sched.step()
         with torch.no_grad():
             logits = layer(xv)
             val_loss = float(nn.functional.cross_entropy(logits, yv))
             val_acc = float((logits.argmax(1) == yv).float().mean())
-        history.append({"train_loss": total / len(x), "val_loss": val_loss, "val_accuracy": val_acc})
+        history.append(
+            {"train_loss": total / len(x), "val_loss": val_loss, "val_accuracy": val_acc}
+        )
         if (val_acc, -val_loss) > (best[0], -best[1]):
             best = (val_acc, val_loss, epoch, {k: v.clone() for k, v in layer.state_dict().items()})
             since_best = 0
@@ -69,19 +79,31 @@ def _fit_once(
 
 
 def fit_linear_head(
-    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, num_classes: int,
-    epochs: int, lr: float, label_smoothing: float, seed: int,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    num_classes: int,
+    epochs: int,
+    lr: float,
+    label_smoothing: float,
+    seed: int,
     weight_decays: tuple[float, ...] = (1e-4, 1e-2, 1e-1),
-) -> HeadFit:  # fmt: skip
+) -> HeadFit:
     """Fit a softmax classifier, choosing weight decay on validation accuracy (then loss)."""
     mu = x_train.mean(axis=0)
-    sd = x_train.std(axis=0) + 1e-6
+    std = x_train.std(axis=0)
+    # Near-constant features carry no signal; dividing by their tiny spread would fold huge
+    # weights into the grafted layer and amplify float noise (ONNX vs PyTorch) into the logits.
+    sd = np.maximum(std, 0.05 * float(np.median(std)) + 1e-6)
     x = torch.from_numpy((x_train - mu) / sd).float()
     xv = torch.from_numpy((x_val - mu) / sd).float()
-    y, yv = torch.from_numpy(y_train).long(), torch.from_numpy(y_val).long()
+    y, yv = torch.as_tensor(np.array(y_train)).long(), torch.as_tensor(np.array(y_val)).long()
     fits = []
     for wd in weight_decays:
-        layer, epoch, acc, history = _fit_once(x, y, xv, yv, num_classes, epochs, lr, wd, label_smoothing, seed)
+        layer, epoch, acc, history = _fit_once(
+            x, y, xv, yv, num_classes, epochs, lr, wd, label_smoothing, seed
+        )
         with torch.no_grad():
             loss = float(nn.functional.cross_entropy(layer(xv), yv))
         fits.append((acc, -loss, wd, layer, epoch, history))

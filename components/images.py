@@ -29,10 +29,15 @@ class Preprocessing:
 
     @property
     def resize_size(self) -> int:
-        return int(round(self.image_size / self.crop_pct))
+        return round(self.image_size / self.crop_pct)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "resize_size": self.resize_size, "channels": "RGB", "layout": "NCHW"}
+        return {
+            **asdict(self),
+            "resize_size": self.resize_size,
+            "channels": "RGB",
+            "layout": "NCHW",
+        }
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Preprocessing:

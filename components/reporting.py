@@ -22,7 +22,9 @@ def plot_similarity_profile(report: SimilarityReport, path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("BatchNorm layer (input side to output side)")
     ax.set_ylabel("symmetric KL to source stats")
-    ax.set_title(f"similarity {report.score:.2f} [{report.low:.2f}, {report.high:.2f}], mean KL {report.mean_kl:.2f}")
+    ax.set_title(
+        f"similarity {report.score:.2f} [{report.low:.2f}, {report.high:.2f}], mean KL {report.mean_kl:.2f}"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -47,7 +49,9 @@ def plot_probe(plan: TransferPlan, path: Path) -> Path | None:
     return path
 
 
-def decision_markdown(counts: DatasetCounts, similarity: SimilarityReport, plan: TransferPlan) -> str:
+def decision_markdown(
+    counts: DatasetCounts, similarity: SimilarityReport, plan: TransferPlan
+) -> str:
     """A short human-readable report of the decision and the numbers behind it."""
     worst = np.argsort(similarity.layer_kl)[::-1][:3]
     lines = [
@@ -72,7 +76,12 @@ def decision_markdown(counts: DatasetCounts, similarity: SimilarityReport, plan:
         f"mean top probability {similarity.source_max_prob:.3f}",
     ]
     if plan.probe is not None:
-        lines += ["", "## Probe per cut point (case 2)", "| cut | accuracy | std |", "|---|---|---|"]
+        lines += [
+            "",
+            "## Probe per cut point (case 2)",
+            "| cut | accuracy | std |",
+            "|---|---|---|",
+        ]
         lines += [
             f"| {c}{' (chosen)' if c == plan.probe.chosen else ''} | {m:.3f} | {s:.3f} |"
             for c, m, s in zip(plan.probe.cuts, plan.probe.means, plan.probe.stds, strict=True)

@@ -86,7 +86,9 @@ class OnnxClassifier:
                 {
                     "label": self.labels[best],
                     "score": float(row[best]),
-                    "probabilities": {lab: float(p) for lab, p in zip(self.labels, row, strict=True)},
+                    "probabilities": {
+                        lab: float(p) for lab, p in zip(self.labels, row, strict=True)
+                    },
                 }
             )
         return results

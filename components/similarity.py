@@ -45,11 +45,17 @@ class SimilarityReport:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "score": self.score, "low": self.low, "high": self.high, "mean_kl": self.mean_kl,
+            "score": self.score,
+            "low": self.low,
+            "high": self.high,
+            "mean_kl": self.mean_kl,
             "layer_kl": dict(zip(self.layer_names, self.layer_kl, strict=True)),
-            "source_entropy": self.source_entropy, "source_max_prob": self.source_max_prob,
-            "n_images": self.n_images, "kl_scale": self.kl_scale, **self.extras,
-        }  # fmt: skip
+            "source_entropy": self.source_entropy,
+            "source_max_prob": self.source_max_prob,
+            "n_images": self.n_images,
+            "kl_scale": self.kl_scale,
+            **self.extras,
+        }
 
 
 def _bn_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
@@ -84,11 +90,14 @@ def per_image_bn_moments(
     try:
         loader = DataLoader(
             ImageFiles(paths, [0] * len(paths), eval_transform(prep)),
-            batch_size=batch_size, num_workers=num_workers,
-        )  # fmt: skip
-        model = backbone.model.eval()
+            batch_size=batch_size,
+            num_workers=num_workers,
+        )
+        model = backbone.model.eval().to(memory_format=torch.channels_last)
         for images, _ in loader:
-            logits.append(model(images).float().numpy())
+            logits.append(
+                model(images.contiguous(memory_format=torch.channels_last)).float().numpy()
+            )
     finally:
         for h in handles:
             h.remove()
@@ -106,9 +115,11 @@ def symmetric_kl(
 
 
 def layer_divergences(
-    layers: Sequence[nn.BatchNorm2d], firsts: Sequence[np.ndarray], seconds: Sequence[np.ndarray],
+    layers: Sequence[nn.BatchNorm2d],
+    firsts: Sequence[np.ndarray],
+    seconds: Sequence[np.ndarray],
     rows: np.ndarray,
-) -> np.ndarray:  # fmt: skip
+) -> np.ndarray:
     """Mean (over channels) symmetric KL at every BN layer for the images ``rows``."""
     out = np.empty(len(layers))
     for i, bn in enumerate(layers):
@@ -172,7 +183,14 @@ def score_similarity(
         len(take),
     )
     return SimilarityReport(
-        score=score, low=low, high=high, mean_kl=mean_kl, layer_names=tuple(names),
-        layer_kl=tuple(float(v) for v in per_layer), source_entropy=entropy,
-        source_max_prob=max_prob, n_images=len(take), kl_scale=cfg.kl_scale,
-    )  # fmt: skip
+        score=score,
+        low=low,
+        high=high,
+        mean_kl=mean_kl,
+        layer_names=tuple(names),
+        layer_kl=tuple(float(v) for v in per_layer),
+        source_entropy=entropy,
+        source_max_prob=max_prob,
+        n_images=len(take),
+        kl_scale=cfg.kl_scale,
+    )

@@ -13,9 +13,13 @@ from components.training import SplitData
 
 
 def load_splits(
-    manifest: pd.DataFrame, classes: list[str], backbone: Backbone, prep: Preprocessing, cache_dir: Path,
+    manifest: pd.DataFrame,
+    classes: list[str],
+    backbone: Backbone,
+    prep: Preprocessing,
+    cache_dir: Path,
     num_workers: int = 2,
-) -> dict[str, SplitData]:  # fmt: skip
+) -> dict[str, SplitData]:
     """One ``SplitData`` per split present; features come from the cache (computed if missing)."""
     index = {c: i for i, c in enumerate(classes)}
     out = {}
@@ -24,7 +28,8 @@ def load_splits(
         if rows.empty:
             continue
         paths = rows["path"].tolist()
-        features = extract_features(backbone, paths, rows["sha256"].tolist(), prep, cache_dir,
-                                    num_workers=num_workers)  # fmt: skip
+        features = extract_features(
+            backbone, paths, rows["sha256"].tolist(), prep, cache_dir, num_workers=num_workers
+        )
         out[split] = SplitData(paths, rows["label"].map(index).to_numpy(), features)
     return out

@@ -61,7 +61,9 @@ class TransferPlan:
         return asdict(self)
 
 
-def probe_cuts(features: dict[str, np.ndarray], labels: np.ndarray, seed: int, folds: int = 3) -> ProbeScores:
+def probe_cuts(
+    features: dict[str, np.ndarray], labels: np.ndarray, seed: int, folds: int = 3
+) -> ProbeScores:
     """Pick case 2's cut: the earliest cut whose probe accuracy is within noise of the best.
 
     Earlier cuts mean a smaller, faster model and features that are less specific to the source
@@ -80,7 +82,11 @@ def probe_cuts(features: dict[str, np.ndarray], labels: np.ndarray, seed: int, f
     best = int(np.argmax(means))
     bar = means[best] - stds[best] / np.sqrt(k)
     chosen = next(c for c, m in zip(cuts, means, strict=True) if m >= bar)
-    log.info("probe accuracies %s -> cut after %s", {c: round(m, 3) for c, m in zip(cuts, means, strict=True)}, chosen)
+    log.info(
+        "probe accuracies %s -> cut after %s",
+        {c: round(m, 3) for c, m in zip(cuts, means, strict=True)},
+        chosen,
+    )
     return ProbeScores(tuple(cuts), tuple(means), tuple(stds), chosen)
 
 
@@ -90,7 +96,9 @@ def planned_case(counts: DatasetCounts, similarity: SimilarityReport, cfg: Strat
         return int(cfg.case)
     large = counts.min_train_per_class >= cfg.large_images_per_class
     similar = similarity.score >= cfg.similar_threshold
-    return {(False, True): 1, (False, False): 2, (True, True): 3, (True, False): 4}[(large, similar)]
+    return {(False, True): 1, (False, False): 2, (True, True): 3, (True, False): 4}[
+        (large, similar)
+    ]
 
 
 def select_case(
@@ -133,8 +141,16 @@ def select_case(
         else:
             raise ConfigError("case 2 needs strategy.cut_block or probe scores to choose the cut")
     return TransferPlan(
-        case=case, cut=cut, size=size, similarity=verdict, uncertain=uncertain, reason=reason,
-        overridden=overridden, min_images_per_class=counts.min_train_per_class,
-        large_images_per_class=cfg.large_images_per_class, similarity_score=similarity.score,
-        similar_threshold=cfg.similar_threshold, probe=probe,
-    )  # fmt: skip
+        case=case,
+        cut=cut,
+        size=size,
+        similarity=verdict,
+        uncertain=uncertain,
+        reason=reason,
+        overridden=overridden,
+        min_images_per_class=counts.min_train_per_class,
+        large_images_per_class=cfg.large_images_per_class,
+        similarity_score=similarity.score,
+        similar_threshold=cfg.similar_threshold,
+        probe=probe,
+    )

@@ -32,7 +32,6 @@ from components.config import TrackingConfig
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"  # the ONNX flavor's data file inside a logged model
 LABELS_FILE = "labels.json"
 PREPROCESSING_FILE = "preprocessing.json"
 # Registry tag values are stored in a 5000-character column.
@@ -101,7 +100,9 @@ def start_run(cfg: TrackingConfig, output_dir: Path, run_name: str, tags: dict[s
     client = _client(tracking_uri)
     experiment_id = _experiment_id(client, cfg.experiment, tracking_uri)
     run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
-    logger.info("MLflow run %s (%s) in %s at %s", run.info.run_id, run_name, cfg.experiment, tracking_uri)
+    logger.info(
+        "MLflow run %s (%s) in %s at %s", run.info.run_id, run_name, cfg.experiment, tracking_uri
+    )
     return run.info.run_id
 
 
@@ -202,27 +203,31 @@ def register_onnx_model(
     logged = client.create_logged_model(
         run.info.experiment_id, name=name, source_run_id=run_id, model_type="onnx-classifier"
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "model"
-        mlflow.onnx.save_model(
-            proto,
-            str(local),
-            mlflow_model=Model(
-                artifact_path=logged.artifact_location,
-                run_id=run_id,
-                model_id=logged.model_id,
-                model_uuid=logged.model_id,
-            ),
-            signature=_signature(proto),
-            metadata=metadata,
-            # Explicit requirements: inferring them loads the model in a subprocess.
-            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
-            save_as_external_data=False,
-        )
-        (local / LABELS_FILE).write_text(json.dumps(list(labels), indent=2))
-        (local / PREPROCESSING_FILE).write_text(json.dumps(preprocessing, indent=2))
-        client.log_model_artifacts(logged.model_id, str(local))
-    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "model"
+            mlflow.onnx.save_model(
+                proto,
+                str(local),
+                mlflow_model=Model(
+                    artifact_path=logged.artifact_location,
+                    run_id=run_id,
+                    model_id=logged.model_id,
+                    model_uuid=logged.model_id,
+                ),
+                signature=_signature(proto),
+                metadata=metadata,
+                # Explicit requirements: inferring them loads the model in a subprocess.
+                pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+                save_as_external_data=False,
+            )
+            (local / LABELS_FILE).write_text(json.dumps(list(labels), indent=2))
+            (local / PREPROCESSING_FILE).write_text(json.dumps(preprocessing, indent=2))
+            client.log_model_artifacts(logged.model_id, str(local))
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    except Exception:
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
     client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
 
     try:
@@ -247,7 +252,9 @@ def register_onnx_model(
     )
     client.set_registered_model_alias(name, alias, version.version)
     result = RegisteredModel(name, int(version.version), f"models:/{name}/{version.version}", alias)
-    logger.info("registered %s (alias %r, logged model %s)", result.model_uri, alias, logged.model_id)
+    logger.info(
+        "registered %s (alias %r, logged model %s)", result.model_uri, alias, logged.model_id
+    )
     return result
 
 

@@ -60,7 +60,10 @@ def choose_image_size(setting: int | str, median_short_side: int, native: int) -
     if setting != "auto":
         return int(setting), f"{setting} px set in configuration"
     if median_short_side >= 0.75 * native:
-        return native, f"{native} px, the backbone's native size (median short side {median_short_side} px)"
+        return (
+            native,
+            f"{native} px, the backbone's native size (median short side {median_short_side} px)",
+        )
     size = int(min(native, max(64, math.ceil(2 * median_short_side / 32) * 32)))
     return size, (
         f"{size} px: about twice the median short side of {median_short_side} px, below the native "
@@ -69,59 +72,119 @@ def choose_image_size(setting: int | str, median_short_side: int, native: int) -
 
 
 def _frozen(
-    plan: TransferPlan, backbone: Backbone, train: SplitData, val: SplitData, classes: list[str],
-    cfg: TrainConfig, image_size: int, seed: int,
-) -> tuple[torch.nn.Module, ModelSpec, float, tuple[dict[str, float], ...], dict[str, object]]:  # fmt: skip
+    plan: TransferPlan,
+    backbone: Backbone,
+    train: SplitData,
+    val: SplitData,
+    classes: list[str],
+    cfg: TrainConfig,
+    image_size: int,
+    seed: int,
+) -> tuple[torch.nn.Module, ModelSpec, float, tuple[dict[str, float], ...], dict[str, object]]:
     cut = plan.cut or "head"
     fit = fit_linear_head(
-        train.features[cut], train.labels, val.features[cut], val.labels, len(classes),
-        cfg.head_epochs, cfg.head_lr, cfg.label_smoothing, seed,
-    )  # fmt: skip
+        train.features[cut],
+        train.labels,
+        val.features[cut],
+        val.labels,
+        len(classes),
+        cfg.head_epochs,
+        cfg.head_lr,
+        cfg.label_smoothing,
+        seed,
+    )
     model = FrozenTransferModel(copy.deepcopy(backbone.prefix(cut)), fit.head).eval()
     spec = ModelSpec(backbone.name, plan.case, cut, len(classes), "pretrained", image_size)
-    attempt = {"init": "pretrained", "trained": f"linear head after {cut}", "val_accuracy": fit.val_accuracy,
-               "weight_decay": fit.weight_decay, "best_epoch": fit.best_epoch}  # fmt: skip
+    attempt = {
+        "init": "pretrained",
+        "trained": f"linear head after {cut}",
+        "val_accuracy": fit.val_accuracy,
+        "weight_decay": fit.weight_decay,
+        "best_epoch": fit.best_epoch,
+    }
     return model, spec, fit.val_accuracy, fit.history, attempt
 
 
 def _finetuned(
-    plan: TransferPlan, backbone: Backbone, train: SplitData, val: SplitData, classes: list[str],
-    cfg: TrainConfig, prep: Preprocessing, run_dir: Path, seed: int, device: torch.device,
-) -> tuple[torch.nn.Module, ModelSpec, float, tuple[dict[str, float], ...], list[dict[str, object]]]:  # fmt: skip
+    plan: TransferPlan,
+    backbone: Backbone,
+    train: SplitData,
+    val: SplitData,
+    classes: list[str],
+    cfg: TrainConfig,
+    prep: Preprocessing,
+    run_dir: Path,
+    seed: int,
+    device: torch.device,
+) -> tuple[
+    torch.nn.Module, ModelSpec, float, tuple[dict[str, float], ...], list[dict[str, object]]
+]:
     probe = fit_linear_head(
-        train.features["head"], train.labels, val.features["head"], val.labels, len(classes),
-        cfg.head_epochs, cfg.head_lr, cfg.label_smoothing, seed,
-    )  # fmt: skip
+        train.features["head"],
+        train.labels,
+        val.features["head"],
+        val.labels,
+        len(classes),
+        cfg.head_epochs,
+        cfg.head_lr,
+        cfg.label_smoothing,
+        seed,
+    )
     settings = FinetuneSettings(
-        epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, body_lr_factor=0.1, weight_decay=cfg.weight_decay,
-        label_smoothing=cfg.label_smoothing, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+        epochs=cfg.finetune_epochs,
+        lr=cfg.finetune_lr,
+        body_lr_factor=0.1,
+        weight_decay=cfg.weight_decay,
+        label_smoothing=cfg.label_smoothing,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
         flip=plan.similarity == "similar",
-    )  # fmt: skip
+    )
     attempts: list[dict[str, object]] = [
         {"init": "frozen probe", "val_accuracy": probe.val_accuracy, "trained": "linear head only"}
     ]
     inits = ["pretrained"] if plan.case == 3 else ["pretrained", "random"]
     best = None
     for init in inits:
-        spec = ModelSpec(backbone.name, plan.case, None, len(classes), init, image_size=prep.image_size)
+        spec = ModelSpec(
+            backbone.name, plan.case, None, len(classes), init, image_size=prep.image_size
+        )
         model = build_model(spec, backbone)
-        if init == "pretrained":  # linear probe first, then fine-tune: the body starts from a sane head
+        if (
+            init == "pretrained"
+        ):  # linear probe first, then fine-tune: the body starts from a sane head
             model.get_classifier().load_state_dict(probe.head.state_dict())
         result = finetune(
-            model, (train.paths, train.labels.tolist()), (val.paths, val.labels.tolist()), prep,
+            model,
+            (train.paths, train.labels.tolist()),
+            (val.paths, val.labels.tolist()),
+            prep,
             settings if init == "pretrained" else _random_init_settings(settings),
-            run_dir / "checkpoints" / f"{init}.pt", device, seed,
-        )  # fmt: skip
-        attempts.append({"init": init, "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
-                         "seconds": result.seconds, "resumed_from_epoch": result.resumed_from_epoch})  # fmt: skip
+            run_dir / "checkpoints" / f"{init}.pt",
+            device,
+            seed,
+        )
+        attempts.append(
+            {
+                "init": init,
+                "val_accuracy": result.val_accuracy,
+                "best_epoch": result.best_epoch,
+                "seconds": result.seconds,
+                "resumed_from_epoch": result.resumed_from_epoch,
+            }
+        )
         if best is None or result.val_accuracy > best[2]:
             best = (model, spec, result.val_accuracy, result.history)
         target = max(cfg.success_accuracy, probe.val_accuracy)
         if init == "pretrained" and plan.case == 4:
             success = result.val_accuracy >= target
             attempts[-1]["success"] = success
-            log.info("case 4: pre-trained fine-tune %.4f vs target %.4f -> %s", result.val_accuracy,
-                     target, "kept" if success else "trying random initialisation")  # fmt: skip
+            log.info(
+                "case 4: pre-trained fine-tune %.4f vs target %.4f -> %s",
+                result.val_accuracy,
+                target,
+                "kept" if success else "trying random initialisation",
+            )
             if success:
                 break
     assert best is not None
@@ -136,15 +199,24 @@ def _random_init_settings(settings: FinetuneSettings) -> FinetuneSettings:
 
 
 def train_case(
-    plan: TransferPlan, backbone: Backbone, train: SplitData, val: SplitData, classes: list[str],
-    cfg: TrainConfig, prep: Preprocessing, run_dir: Path, seed: int,
-) -> TrainResult:  # fmt: skip
+    plan: TransferPlan,
+    backbone: Backbone,
+    train: SplitData,
+    val: SplitData,
+    classes: list[str],
+    cfg: TrainConfig,
+    prep: Preprocessing,
+    run_dir: Path,
+    seed: int,
+) -> TrainResult:
     """Train ``plan.case`` and save the model under ``run_dir``."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     device = choose_device(cfg.device)
     if plan.case in (1, 2):
-        model, spec, acc, history, attempt = _frozen(plan, backbone, train, val, classes, cfg, prep.image_size, seed)
+        model, spec, acc, history, attempt = _frozen(
+            plan, backbone, train, val, classes, cfg, prep.image_size, seed
+        )
         attempts: list[dict[str, object]] = [attempt]
     else:
         model, spec, acc, history, attempts = _finetuned(
@@ -153,6 +225,12 @@ def train_case(
     path = save_model(model, spec, classes, run_dir / "model.pt")
     log.info("case %d trained on %s: val accuracy %.4f", plan.case, device, acc)
     return TrainResult(
-        model_path=path, spec=spec, labels=classes, val_accuracy=acc, history=history,
-        attempts=tuple(attempts), device=str(device), seconds=time.perf_counter() - start,
-    )  # fmt: skip
+        model_path=path,
+        spec=spec,
+        labels=classes,
+        val_accuracy=acc,
+        history=history,
+        attempts=tuple(attempts),
+        device=str(device),
+        seconds=time.perf_counter() - start,
+    )

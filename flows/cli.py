@@ -14,9 +14,10 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from components.config import PipelineConfig, load_config  # noqa: E402
-from components.errors import PipelineError  # noqa: E402
+from components.config import PipelineConfig, load_config
+from components.errors import PipelineError
 
 
 def _parse_value(text: str) -> Any:
@@ -41,7 +42,9 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    print(f"\ncase {summary['case']}{' (cut after ' + summary['cut'] + ')' if summary.get('cut') else ''}")
+    print(
+        f"\ncase {summary['case']}{' (cut after ' + summary['cut'] + ')' if summary.get('cut') else ''}"
+    )
     print(f"why: {summary['reason']}")
     if summary.get("quarantined"):
         print(f"quarantined {len(summary['quarantined'])} file(s):")
@@ -49,9 +52,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
             print(f"  {q['path']}: {q['reason']}")
     if "metrics" in summary:
         m = summary["metrics"]
-        test = f", test accuracy {m['test_accuracy']:.4f}" if m.get("test_accuracy") is not None else ""
+        test = (
+            f", test accuracy {m['test_accuracy']:.4f}"
+            if m.get("test_accuracy") is not None
+            else ""
+        )
         print(f"validation accuracy {m['val_accuracy']:.4f}{test} (trained on {summary['device']})")
-        print(f"ONNX model: {summary['onnx_path']} (max |diff| vs PyTorch {summary['onnx_max_abs_diff']:.1e})")
+        print(
+            f"ONNX model: {summary['onnx_path']} (max |diff| vs PyTorch {summary['onnx_max_abs_diff']:.1e})"
+        )
         print(f"MLflow run: {summary['mlflow_run_id']} at {summary['mlflow_tracking_uri']}")
         print(f"registered: {summary['model_uri']}")
     print(f"report: {summary['report']}")
@@ -118,13 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", type=Path, help="pipeline.yaml with any of the config sections")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.device=cpu")
-        p.add_argument("--output-dir", type=Path, help="where runs, the feature cache and mlruns go")
+        p.add_argument(
+            "--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.device=cpu"
+        )
+        p.add_argument(
+            "--output-dir", type=Path, help="where runs, the feature cache and mlruns go"
+        )
 
-    for name, func, text in (("run", _cmd_run, "train, export and register a model"),
-                             ("plan", _cmd_plan, "decide the case and report why; train nothing")):  # fmt: skip
+    for name, func, text in (
+        ("run", _cmd_run, "train, export and register a model"),
+        ("plan", _cmd_plan, "decide the case and report why; train nothing"),
+    ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--data", required=True, help="ROOT/<class>/* or ROOT/{train,val[,test]}/<class>/*")
+        p.add_argument(
+            "--data", required=True, help="ROOT/<class>/* or ROOT/{train,val[,test]}/<class>/*"
+        )
         p.add_argument("--case", choices=["auto", "1", "2", "3", "4"], default="auto")
         p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
         common(p)
@@ -151,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("httpx", "httpcore", "alembic", "mlflow.store", "onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -13,10 +13,10 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
+from components.backbones import load_backbone
 from components.config import PipelineConfig
 from components.counting import DatasetCounts
 from components.images import Preprocessing
-from components.backbones import load_backbone
 from components.similarity import SimilarityReport
 from components.strategy import TransferPlan
 from components.training import choose_image_size
@@ -69,8 +69,12 @@ def _run_name() -> str:
 def input_preprocessing(counts: DatasetCounts, cfg: PipelineConfig) -> tuple[Preprocessing, str]:
     """The backbone's own preprocessing at the resolution chosen for this data."""
     native = load_backbone(cfg.backbone, cfg.backbone_weights).preprocessing
-    size, reason = choose_image_size(cfg.train.image_size, counts.median_short_side, native.image_size)
-    return Preprocessing(size, native.mean, native.std, native.crop_pct, native.interpolation), reason
+    size, reason = choose_image_size(
+        cfg.train.image_size, counts.median_short_side, native.image_size
+    )
+    return Preprocessing(
+        size, native.mean, native.std, native.crop_pct, native.interpolation
+    ), reason
 
 
 def decide(data: str, cfg: PipelineConfig, clock: StageClock) -> Decision:
@@ -88,8 +92,15 @@ def decide(data: str, cfg: PipelineConfig, clock: StageClock) -> Decision:
     with clock.stage("similarity"):
         similarity = score_similarity(validation.usable_manifest_path, cfg, ctx.run_dir)
     with clock.stage("select_case"):
-        plan = select_case(validation.usable_manifest_path, counts, similarity, prep, cfg, ctx.cache_dir,
-                           ctx.run_dir)  # fmt: skip
+        plan = select_case(
+            validation.usable_manifest_path,
+            counts,
+            similarity,
+            prep,
+            cfg,
+            ctx.cache_dir,
+            ctx.run_dir,
+        )
     return Decision(ctx, validation, counts, prep, reason, similarity, plan)
 
 
@@ -101,11 +112,21 @@ def _decision_summary(d: Decision) -> dict[str, Any]:
         "reason": d.plan.reason,
         "uncertain": d.plan.uncertain,
         "overridden": d.plan.overridden,
-        "similarity": {"score": d.similarity.score, "low": d.similarity.low, "high": d.similarity.high,
-                       "mean_kl": d.similarity.mean_kl},  # fmt: skip
-        "counts": {"total": d.counts.total, "per_split": d.counts.per_split, "per_class": d.counts.per_class},
-        "thresholds": {"large_images_per_class": d.plan.large_images_per_class,
-                       "similar_threshold": d.plan.similar_threshold},  # fmt: skip
+        "similarity": {
+            "score": d.similarity.score,
+            "low": d.similarity.low,
+            "high": d.similarity.high,
+            "mean_kl": d.similarity.mean_kl,
+        },
+        "counts": {
+            "total": d.counts.total,
+            "per_split": d.counts.per_split,
+            "per_class": d.counts.per_class,
+        },
+        "thresholds": {
+            "large_images_per_class": d.plan.large_images_per_class,
+            "similar_threshold": d.plan.similar_threshold,
+        },
         "quarantined": [{"path": q.path, "reason": q.reason} for q in d.validation.quarantined],
         "image_size": d.prep.image_size,
         "image_size_reason": d.image_size_reason,
@@ -121,7 +142,11 @@ def plan_flow(data: str, config: PipelineConfig | None = None) -> dict[str, Any]
     clock = StageClock()
     start = time.perf_counter()
     summary = _decision_summary(decide(data, cfg, clock))
-    return {**summary, "stage_seconds": clock.seconds, "seconds": round(time.perf_counter() - start, 3)}
+    return {
+        **summary,
+        "stage_seconds": clock.seconds,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
 
 
 @flow(name="transfer-pipeline", flow_run_name=_run_name, log_prints=True)
@@ -131,7 +156,11 @@ def transfer_flow(data: str, config: PipelineConfig | None = None) -> dict[str, 
     clock = StageClock()
     start = time.perf_counter()
     d = decide(data, cfg, clock)
-    manifest, classes, run_dir = d.validation.usable_manifest_path, list(d.counts.classes), d.ctx.run_dir
+    manifest, classes, run_dir = (
+        d.validation.usable_manifest_path,
+        list(d.counts.classes),
+        d.ctx.run_dir,
+    )
     with clock.stage("train"):
         trained = train_model(manifest, classes, d.plan, d.prep, cfg, d.ctx.cache_dir, run_dir)
     with clock.stage("evaluate"):
@@ -140,7 +169,16 @@ def transfer_flow(data: str, config: PipelineConfig | None = None) -> dict[str, 
         exported = export_model(manifest, trained.model_path, d.prep, cfg, run_dir)
     with clock.stage("log_and_register"):
         run_id, registered, uri = log_and_register(
-            d.ctx, cfg, d.validation, d.counts, d.similarity, d.plan, trained, metrics, exported, d.prep
+            d.ctx,
+            cfg,
+            d.validation,
+            d.counts,
+            d.similarity,
+            d.plan,
+            trained,
+            metrics,
+            exported,
+            d.prep,
         )
     return {
         **_decision_summary(d),

@@ -31,4 +31,6 @@ def make_context(data_root: Path, cfg: PipelineConfig) -> RunContext:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     run_dir = (cfg.output_dir / "runs" / f"{name}-{stamp}").resolve()
     run_dir.mkdir(parents=True, exist_ok=False)
-    return RunContext(name, Path(data_root).resolve(), run_dir, (cfg.output_dir / "cache").resolve())
+    return RunContext(
+        name, Path(data_root).resolve(), run_dir, (cfg.output_dir / "cache").resolve()
+    )

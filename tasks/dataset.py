@@ -14,7 +14,13 @@ from tasks.context import RunContext
 from tasks.policy import transient_only
 
 
-@task(name="scan", retries=2, retry_delay_seconds=2, retry_condition_fn=transient_only, cache_policy=NO_CACHE)
+@task(
+    name="scan",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=transient_only,
+    cache_policy=NO_CACHE,
+)
 def scan_dataset(ctx: RunContext, cfg: DataConfig, validation: ValidationConfig, seed: int) -> Path:
     """Read every file once into ``manifest.csv`` in the run folder."""
     manifest = dataset.scan_dataset(ctx.data_root, cfg, validation, seed)
@@ -28,7 +34,11 @@ def scan_dataset(ctx: RunContext, cfg: DataConfig, validation: ValidationConfig,
 def count_dataset(usable_manifest: Path) -> counting.DatasetCounts:
     """Totals and per-class counts of the validated dataset."""
     counts = counting.count_dataset(dataset.read_manifest(usable_manifest))
-    get_run_logger().info("%d images, %d classes, smallest class %d in train", counts.total,
-                          len(counts.classes), counts.min_train_per_class)  # fmt: skip
+    get_run_logger().info(
+        "%d images, %d classes, smallest class %d in train",
+        counts.total,
+        len(counts.classes),
+        counts.min_train_per_class,
+    )
     create_markdown_artifact(key="dataset-counts", markdown=counts.to_markdown())
     return counts

@@ -34,6 +34,11 @@ def export_model(
     model, _, _ = load_model(model_path, load_backbone(cfg.backbone, cfg.backbone_weights))
     sample = held_out_batch(usable_manifest, prep, cfg.export.parity_batch)
     result = export.export_onnx(model, sample, run_dir / "model.onnx", cfg.export)
-    get_run_logger().info("ONNX %s: max |diff| %.2e, argmax agreement %.3f on %d images",
-                          result.onnx_path, result.max_abs_diff, result.argmax_agreement, result.n_checked)  # fmt: skip
+    get_run_logger().info(
+        "ONNX %s: max |diff| %.2e, argmax agreement %.3f on %d images",
+        result.onnx_path,
+        result.max_abs_diff,
+        result.argmax_agreement,
+        result.n_checked,
+    )
     return result

@@ -15,14 +15,21 @@ from components.images import Preprocessing
 
 
 @task(name="embed", retries=1, cache_policy=NO_CACHE)
-def embed_dataset(usable_manifest: Path, prep: Preprocessing, cfg: PipelineConfig, cache_dir: Path) -> int:
+def embed_dataset(
+    usable_manifest: Path, prep: Preprocessing, cfg: PipelineConfig, cache_dir: Path
+) -> int:
     """Fill the feature cache for every usable image; later stages read it instead of the network."""
     manifest = read_manifest(usable_manifest)
     backbone = load_backbone(cfg.backbone, cfg.backbone_weights)
     extract_features(
-        backbone, manifest["path"].tolist(), manifest["sha256"].tolist(), prep, cache_dir,
-        batch_size=cfg.train.batch_size * 2, num_workers=cfg.train.num_workers,
+        backbone,
+        manifest["path"].tolist(),
+        manifest["sha256"].tolist(),
+        prep,
+        cache_dir,
+        batch_size=cfg.train.batch_size * 2,
+        num_workers=cfg.train.num_workers,
         device=choose_device(cfg.train.device),
-    )  # fmt: skip
+    )
     get_run_logger().info("features ready for %d images at %d px", len(manifest), prep.image_size)
     return len(manifest)

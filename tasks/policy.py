@@ -13,6 +13,6 @@ def transient_only(task: Any, task_run: Any, state: Any) -> bool:
         state.result()
     except PipelineError:
         return False
-    except Exception:  # noqa: BLE001 - anything else (disk, network, a killed worker) may pass next time
+    except Exception:
         return True
     return False

@@ -15,7 +15,9 @@ from components.reporting import plot_similarity_profile
 
 
 @task(name="score-similarity", cache_policy=NO_CACHE)
-def score_similarity(usable_manifest: Path, cfg: PipelineConfig, run_dir: Path) -> similarity.SimilarityReport:
+def score_similarity(
+    usable_manifest: Path, cfg: PipelineConfig, run_dir: Path
+) -> similarity.SimilarityReport:
     """Score a sample of the training images against the backbone's stored BatchNorm statistics."""
     manifest = read_manifest(usable_manifest)
     train = manifest[manifest["split"] == "train"]

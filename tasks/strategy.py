@@ -21,20 +21,36 @@ from components.splits import load_splits
 
 @task(name="select-case", cache_policy=NO_CACHE)
 def select_case(
-    usable_manifest: Path, counts: DatasetCounts, similarity: SimilarityReport, prep: Preprocessing,
-    cfg: PipelineConfig, cache_dir: Path, run_dir: Path,
-) -> strategy.TransferPlan:  # fmt: skip
+    usable_manifest: Path,
+    counts: DatasetCounts,
+    similarity: SimilarityReport,
+    prep: Preprocessing,
+    cfg: PipelineConfig,
+    cache_dir: Path,
+    run_dir: Path,
+) -> strategy.TransferPlan:
     """Decide the case (and cut), write the decision report and publish it."""
     probe = None
-    if strategy.planned_case(counts, similarity, cfg.strategy) == 2 and cfg.strategy.cut_block is None:
+    if (
+        strategy.planned_case(counts, similarity, cfg.strategy) == 2
+        and cfg.strategy.cut_block is None
+    ):
         backbone = load_backbone(cfg.backbone, cfg.backbone_weights)
-        train = load_splits(read_manifest(usable_manifest), list(counts.classes), backbone, prep,
-                            cache_dir, cfg.train.num_workers)["train"]  # fmt: skip
+        train = load_splits(
+            read_manifest(usable_manifest),
+            list(counts.classes),
+            backbone,
+            prep,
+            cache_dir,
+            cfg.train.num_workers,
+        )["train"]
         probe = strategy.probe_cuts(train.features, train.labels, cfg.seed)
     plan = strategy.select_case(counts, similarity, cfg.strategy, probe)
     report = decision_markdown(counts, similarity, plan)
     (run_dir / "decision.md").write_text(report)
     plot_probe(plan, run_dir / "probe.png")
     get_run_logger().info(plan.reason)
-    create_markdown_artifact(key="decision-report", markdown=report, description=f"case {plan.case}")
+    create_markdown_artifact(
+        key="decision-report", markdown=report, description=f"case {plan.case}"
+    )
     return plan

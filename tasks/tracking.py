@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -22,8 +21,15 @@ from components.validation import ValidationReport
 from tasks.context import RunContext
 from tasks.policy import transient_only
 
-_RUN_FILES = ("decision.md", "similarity_profile.png", "probe.png", "learning_curve.png",
-              "confusion_val.png", "confusion_test.png", "manifest.csv")  # fmt: skip
+_RUN_FILES = (
+    "decision.md",
+    "similarity_profile.png",
+    "probe.png",
+    "learning_curve.png",
+    "confusion_val.png",
+    "confusion_test.png",
+    "manifest.csv",
+)
 
 
 def _flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -37,48 +43,88 @@ def _flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@task(name="log-and-register", retries=2, retry_delay_seconds=3, retry_condition_fn=transient_only,
-      cache_policy=NO_CACHE)  # fmt: skip
+@task(
+    name="log-and-register",
+    retries=2,
+    retry_delay_seconds=3,
+    retry_condition_fn=transient_only,
+    cache_policy=NO_CACHE,
+)
 def log_and_register(
-    ctx: RunContext, cfg: PipelineConfig, validation: ValidationReport, counts: DatasetCounts,
-    similarity: SimilarityReport, plan: TransferPlan, trained: TrainResult,
-    metrics: dict[str, SplitMetrics], exported: ExportResult, prep: Preprocessing,
-) -> tuple[str, tracking.RegisteredModel, str]:  # fmt: skip
+    ctx: RunContext,
+    cfg: PipelineConfig,
+    validation: ValidationReport,
+    counts: DatasetCounts,
+    similarity: SimilarityReport,
+    plan: TransferPlan,
+    trained: TrainResult,
+    metrics: dict[str, SplitMetrics],
+    exported: ExportResult,
+    prep: Preprocessing,
+) -> tuple[str, tracking.RegisteredModel, str]:
     """One MLflow run per pipeline run: config, decision, curves, metrics, artifacts, model version."""
     uri = tracking.resolve_tracking_uri(cfg.tracking, cfg.output_dir)
     tags = {"dataset": ctx.name, "case": str(plan.case), "data_root": str(ctx.data_root)}
     run_id = tracking.start_run(cfg.tracking, cfg.output_dir, ctx.name, tags)
     try:
-        params = {**_flatten("config.", cfg.model_dump(mode="json")), "case": plan.case, "cut": plan.cut,
-                  "case_reason": plan.reason[:500], "image_size": prep.image_size, "device": trained.device,
-                  "num_classes": len(counts.classes), "init": trained.spec.init}  # fmt: skip
+        params = {
+            **_flatten("config.", cfg.model_dump(mode="json")),
+            "case": plan.case,
+            "cut": plan.cut,
+            "case_reason": plan.reason[:500],
+            "image_size": prep.image_size,
+            "device": trained.device,
+            "num_classes": len(counts.classes),
+            "init": trained.spec.init,
+        }
         tracking.log_params(run_id, params, tracking_uri=uri)
         for step, epoch in enumerate(trained.history):
             tracking.log_metrics(run_id, epoch, step=step, tracking_uri=uri)
         scalars = {f"{name}_accuracy": m.accuracy for name, m in metrics.items()}
-        scalars |= {"similarity": similarity.score, "similarity_low": similarity.low,
-                    "similarity_high": similarity.high, "similarity_mean_kl": similarity.mean_kl,
-                    "images_total": counts.total, "images_min_per_class": counts.min_train_per_class,
-                    "files_quarantined": len(validation.quarantined), "train_seconds": trained.seconds,
-                    "onnx_max_abs_diff": exported.max_abs_diff}  # fmt: skip
+        scalars |= {
+            "similarity": similarity.score,
+            "similarity_low": similarity.low,
+            "similarity_high": similarity.high,
+            "similarity_mean_kl": similarity.mean_kl,
+            "images_total": counts.total,
+            "images_min_per_class": counts.min_train_per_class,
+            "files_quarantined": len(validation.quarantined),
+            "train_seconds": trained.seconds,
+            "onnx_max_abs_diff": exported.max_abs_diff,
+        }
         tracking.log_metrics(run_id, scalars, tracking_uri=uri)
         tracking.log_text(run_id, dump_config(cfg), "config.yaml", tracking_uri=uri)
-        tracking.log_dict(run_id, {"plan": plan.to_dict(), "similarity": similarity.to_dict(),
-                                   "counts": counts.to_dict(), "attempts": list(trained.attempts),
-                                   "metrics": {k: m.to_dict() for k, m in metrics.items()},
-                                   "export": {k: str(v) for k, v in asdict(exported).items()}},
-                          "decision.json", tracking_uri=uri)  # fmt: skip
+        tracking.log_dict(
+            run_id,
+            {
+                "plan": plan.to_dict(),
+                "similarity": similarity.to_dict(),
+                "counts": counts.to_dict(),
+                "attempts": list(trained.attempts),
+                "metrics": {k: m.to_dict() for k, m in metrics.items()},
+                "export": {k: str(v) for k, v in asdict(exported).items()},
+            },
+            "decision.json",
+            tracking_uri=uri,
+        )
         for name in _RUN_FILES:
             if (ctx.run_dir / name).is_file():
                 tracking.log_artifact(run_id, ctx.run_dir / name, "report", tracking_uri=uri)
         tracking.log_artifact(run_id, validation.json_path, "validation", tracking_uri=uri)
         if validation.docs_path is not None:
-            tracking.log_artifact(run_id, validation.docs_path.parent, "validation/data_docs", tracking_uri=uri)
+            tracking.log_artifact(
+                run_id, validation.docs_path.parent, "validation/data_docs", tracking_uri=uri
+            )
         registered = tracking.register_onnx_model(
-            run_id, exported.onnx_path, cfg.tracking.registered_model or ctx.name, list(counts.classes),
-            prep.to_dict(), cfg.tracking.alias, uri,
+            run_id,
+            exported.onnx_path,
+            cfg.tracking.registered_model or ctx.name,
+            list(counts.classes),
+            prep.to_dict(),
+            cfg.tracking.alias,
+            uri,
             extra_metadata={"case": plan.case, "cut": plan.cut, "backbone": cfg.backbone},
-        )  # fmt: skip
+        )
     except Exception:
         tracking.finish_run(run_id, "FAILED", tracking_uri=uri)
         raise

@@ -14,13 +14,17 @@ from components.dataset import read_manifest
 
 
 @task(name="validate", cache_policy=NO_CACHE)
-def validate_dataset(manifest_path: Path, cfg: ValidationConfig, run_dir: Path) -> validation.ValidationReport:
+def validate_dataset(
+    manifest_path: Path, cfg: ValidationConfig, run_dir: Path
+) -> validation.ValidationReport:
     """Quarantine bad files by listing them; raise ``DataValidationError`` if the dataset is unusable."""
     report = validation.validate_manifest(read_manifest(manifest_path), cfg, run_dir / "validation")
     logger = get_run_logger()
     for item in report.quarantined[:20]:
         logger.warning("quarantined %s: %s", item.path, item.reason)
-    logger.info("%d of %d files usable; report %s", report.n_usable, report.n_files, report.json_path)
+    logger.info(
+        "%d of %d files usable; report %s", report.n_usable, report.n_files, report.json_path
+    )
     create_markdown_artifact(key="validation-report", markdown=report.to_markdown())
     report.raise_if_failed()
     return report

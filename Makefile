@@ -1,0 +1,46 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export GX_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# torch first, pinned: pip then finds it satisfied instead of resolving a newer build
+	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/transfer-pipeline demo
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	PREFECT_HOME=$(CURDIR)/.pytest_prefect $(BIN)/python -m pytest
+
+test-fast: install
+	PREFECT_HOME=$(CURDIR)/.pytest_prefect $(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/python benchmarks/flow_timings.py --data ../shared/datasets/hymenoptera_data --json benchmarks/results/hymenoptera_flow.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .pytest_prefect transfer-runs
