@@ -12,7 +12,6 @@ export PYTHONUNBUFFERED := 1
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	# torch first, pinned: pip then finds it satisfied instead of resolving a newer build
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -e '.[test]'

@@ -13,7 +13,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from components.demo_data import materialise_digits  # noqa: E402
+from components.demo_data import materialise_digits
 
 
 @pytest.fixture(scope="session")

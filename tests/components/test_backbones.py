@@ -19,7 +19,11 @@ def test_packaged_weights_map_in_order_onto_timm(lite0) -> None:
     assert len(source) == len(loaded)
     for (_, a), (_, b) in zip(source.items(), loaded.items(), strict=True):
         assert torch.equal(a, b)
-    assert lite0.preprocessing.mean == (0.5, 0.5, 0.5) and lite0.preprocessing.std == (0.5, 0.5, 0.5)
+    assert lite0.preprocessing.mean == (0.5, 0.5, 0.5) and lite0.preprocessing.std == (
+        0.5,
+        0.5,
+        0.5,
+    )
 
 
 def test_cut_points_give_feature_maps_of_growing_depth(lite0) -> None:

@@ -31,5 +31,5 @@ def test_dotted_overrides_apply_over_the_file(tmp_path: Path) -> None:
 
 
 def test_missing_config_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="nope.yaml"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml"):
         load_config(tmp_path / "nope.yaml")

@@ -78,7 +78,9 @@ def test_bad_files_are_quarantined_by_listing_and_never_touched(tmp_path: Path) 
     cfg = ValidationConfig(max_image_pixels=1_000_000, max_bad_fraction=0.3)
     manifest = scan_dataset(root, DataConfig(), cfg, seed=0)
     report = validate_manifest(manifest, cfg, tmp_path / "out")
-    reasons = {Path(q.path).relative_to(root.resolve()).as_posix(): q.reason for q in report.quarantined}
+    reasons = {
+        Path(q.path).relative_to(root.resolve()).as_posix(): q.reason for q in report.quarantined
+    }
     assert set(reasons) == set(expected)
     for rel, fragment in expected.items():
         assert fragment in reasons[rel], (rel, reasons[rel])
@@ -87,7 +89,7 @@ def test_bad_files_are_quarantined_by_listing_and_never_touched(tmp_path: Path) 
 
 
 def test_missing_folder_is_named(tmp_path: Path) -> None:
-    with pytest.raises(DataValidationError, match="does-not-exist.*does not exist"):
+    with pytest.raises(DataValidationError, match=r"does-not-exist.*does not exist"):
         _scan(tmp_path / "does-not-exist")
 
 
@@ -112,7 +114,7 @@ def test_empty_class_folder_stops_with_its_name(tmp_path: Path) -> None:
     for i in range(6):
         write_photo(tmp_path / "cats" / f"{i}.jpg", seed=i)
     (tmp_path / "dogs").mkdir()
-    with pytest.raises(DataValidationError, match="dogs.*no image files"):
+    with pytest.raises(DataValidationError, match=r"dogs.*no image files"):
         _scan(tmp_path)
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from components.backbones import load_backbone
-from components.dataset import scan_dataset
 from components.config import DataConfig, ValidationConfig
+from components.dataset import scan_dataset
 from components.features import cache_key, extract_features
 from components.images import Preprocessing, eval_transform, open_image
 
@@ -16,7 +16,9 @@ def lite0():
     return load_backbone("efficientnet_lite0")
 
 
-def test_features_match_the_network_and_are_cached(lite0, digits_root: Path, tmp_path: Path) -> None:
+def test_features_match_the_network_and_are_cached(
+    lite0, digits_root: Path, tmp_path: Path
+) -> None:
     m = scan_dataset(digits_root, DataConfig(), ValidationConfig(), 0).head(12)
     prep = Preprocessing(64, (0.5,) * 3, (0.5,) * 3)
     feats = extract_features(lite0, m["path"].tolist(), m["sha256"].tolist(), prep, tmp_path, 8, 0)

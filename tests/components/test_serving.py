@@ -43,9 +43,12 @@ def model_and_classifier(
 ) -> tuple[nn.Module, OnnxClassifier]:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 8, 3, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(8, len(LABELS)),
-    ).eval()  # fmt: skip
+    ).eval()
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
     result = export_onnx(model, torch.randn(4, 3, 32, 32), out, ExportConfig())
     return model, OnnxClassifier(result.onnx_path, LABELS, PREP)

@@ -24,7 +24,9 @@ def test_symmetric_kl_is_zero_only_for_identical_gaussians() -> None:
 
 def test_digit_scans_are_judged_different_from_imagenet(lite0, digits_root: Path) -> None:
     paths = sorted(str(p) for p in digits_root.rglob("*.png"))
-    report = score_similarity(lite0, paths, SimilarityConfig(sample_size=32, bootstrap_rounds=50), 0, 0)
+    report = score_similarity(
+        lite0, paths, SimilarityConfig(sample_size=32, bootstrap_rounds=50), 0, 0
+    )
     assert report.score < 0.5 and report.high < 0.5
     assert report.low <= report.score <= report.high
     assert len(report.layer_kl) == len(report.layer_names) == 49
@@ -32,7 +34,9 @@ def test_digit_scans_are_judged_different_from_imagenet(lite0, digits_root: Path
     assert report.layer_kl[0] > np.mean(report.layer_kl[-5:])
 
 
-def test_divergence_vanishes_where_the_stored_statistics_are_the_data_s(lite0, digits_root: Path) -> None:
+def test_divergence_vanishes_where_the_stored_statistics_are_the_data_s(
+    lite0, digits_root: Path
+) -> None:
     """Store the sample's own statistics in the first BN layer: its divergence must drop to ~0."""
     paths = sorted(str(p) for p in digits_root.rglob("*.png"))[:16]
     tuned = copy.deepcopy(lite0)

@@ -21,9 +21,17 @@ def _counts(per_class: int) -> DatasetCounts:
 
 def _similarity(score: float, spread: float = 0.02) -> SimilarityReport:
     return SimilarityReport(
-        score=score, low=score - spread, high=score + spread, mean_kl=1.0, layer_names=("bn",),
-        layer_kl=(1.0,), source_entropy=0.5, source_max_prob=0.5, n_images=10, kl_scale=1.5,
-    )  # fmt: skip
+        score=score,
+        low=score - spread,
+        high=score + spread,
+        mean_kl=1.0,
+        layer_names=("bn",),
+        layer_kl=(1.0,),
+        source_entropy=0.5,
+        source_max_prob=0.5,
+        n_images=10,
+        kl_scale=1.5,
+    )
 
 
 @pytest.mark.parametrize(
@@ -39,8 +47,11 @@ def test_size_by_similarity_rule(per_class: int, score: float, case: int) -> Non
 
 
 def test_thresholds_are_configurable() -> None:
-    plan = select_case(_counts(50), _similarity(0.6), StrategyConfig(large_images_per_class=40,
-                                                                     similar_threshold=0.7))
+    plan = select_case(
+        _counts(50),
+        _similarity(0.6),
+        StrategyConfig(large_images_per_class=40, similar_threshold=0.7),
+    )
     assert plan.case == 4 and plan.size == "large" and plan.similarity == "different"
 
 

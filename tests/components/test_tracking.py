@@ -27,9 +27,12 @@ PREP = {"image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 def onnx_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 8, 3, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(8, len(LABELS)),
-    )  # fmt: skip
+    )
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
     return export_onnx(model, torch.randn(4, 3, 32, 32), out, ExportConfig()).onnx_path
 

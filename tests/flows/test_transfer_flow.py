@@ -13,16 +13,21 @@ from components.config import build_config
 from components.images import Preprocessing, preprocess_file
 from components.tracking import load_registered
 from flows.cli import main
-from flows.transfer import plan_flow, transfer_flow
+from flows.transfer import transfer_flow
 
 pytestmark = pytest.mark.slow
 
 
 def _config(tmp_path: Path, **sections):
-    return build_config({"output_dir": str(tmp_path / "out"),
-                         "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-                         "similarity": {"sample_size": 32, "bootstrap_rounds": 50},
-                         "train": {"num_workers": 0}, **sections})  # fmt: skip
+    return build_config(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+            "similarity": {"sample_size": 32, "bootstrap_rounds": 50},
+            "train": {"num_workers": 0},
+            **sections,
+        }
+    )
 
 
 def test_flow_goes_from_folder_to_registered_onnx_model(digits_root: Path, tmp_path: Path) -> None:
@@ -49,13 +54,20 @@ def test_flow_goes_from_folder_to_registered_onnx_model(digits_root: Path, tmp_p
     assert run.data.params["case"] == "2" and "val_accuracy" in run.data.metrics
     assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) > 1  # per epoch
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
-    assert {"report/decision.md", "report/similarity_profile.png", "report/confusion_val.png"} <= artifacts
+    assert {
+        "report/decision.md",
+        "report/similarity_profile.png",
+        "report/confusion_val.png",
+    } <= artifacts
     version = client.get_model_version_by_alias(summary["registered_model"], "candidate")
     assert int(version.version) == summary["model_version"] == 1
 
     # A rerun on the same data embeds nothing again and registers version 2.
     again = transfer_flow(data=str(digits_root), config=cfg)
-    assert again["model_version"] == 2 and again["stage_seconds"]["embed"] < summary["stage_seconds"]["embed"]
+    assert (
+        again["model_version"] == 2
+        and again["stage_seconds"]["embed"] < summary["stage_seconds"]["embed"]
+    )
     mlflow.set_tracking_uri(None)
 
 
@@ -67,11 +79,22 @@ def test_cli_json_summary_and_plan(digits_root: Path, tmp_path: Path, capsys) ->
     assert {"case", "cut", "reason", "similarity", "counts", "thresholds"} <= set(plan)
     assert plan["thresholds"]["similar_threshold"] == 0.5 and "metrics" not in plan
 
-    code = main(["run", "--data", str(digits_root), "--config", str(cfg_file), "--case", "1", "--json"])
+    code = main(
+        ["run", "--data", str(digits_root), "--config", str(cfg_file), "--case", "1", "--json"]
+    )
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and summary["case"] == 1 and summary["overridden"]
-    for key in ("case", "reason", "similarity", "counts", "metrics", "onnx_path", "mlflow_run_id",
-                "model_version", "seconds"):  # fmt: skip
+    for key in (
+        "case",
+        "reason",
+        "similarity",
+        "counts",
+        "metrics",
+        "onnx_path",
+        "mlflow_run_id",
+        "model_version",
+        "seconds",
+    ):
         assert key in summary
     assert Path(summary["onnx_path"]).is_file()
 
