@@ -1,6 +1,7 @@
 """End to end: a real Prefect run, a real MLflow store in a temp dir, a real ONNX Runtime session."""
 
 import json
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -72,12 +73,21 @@ def test_flow_goes_from_folder_to_registered_onnx_model(digits_root: Path, tmp_p
 
 
 def test_cli_json_summary_and_plan(digits_root: Path, tmp_path: Path, capsys) -> None:
+    """A usable dataset with a few bad files: they are listed, and the good ones still train."""
+    data = tmp_path / "digits-with-bad-files"
+    shutil.copytree(digits_root, data)
+    good = (data / "3" / "0001.png").read_bytes()
+    (data / "3" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (data / "5" / "notes.png").write_text("not an image")
     cfg_file = tmp_path / "pipeline.yaml"
     cfg_file.write_text(json.dumps(_config(tmp_path).model_dump(mode="json")))
-    assert main(["plan", "--data", str(digits_root), "--config", str(cfg_file), "--json"]) == 0
+    assert main(["plan", "--data", str(data), "--config", str(cfg_file), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert {"case", "cut", "reason", "similarity", "counts", "thresholds"} <= set(plan)
     assert plan["thresholds"]["similar_threshold"] == 0.5 and "metrics" not in plan
+    quarantined = {Path(q["path"]).name: q["reason"] for q in plan["quarantined"]}
+    assert set(quarantined) == {"truncated.png", "notes.png"}
+    assert plan["counts"]["total"] == 400
 
     code = main(
         ["run", "--data", str(digits_root), "--config", str(cfg_file), "--case", "1", "--json"]
