@@ -20,9 +20,8 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    """Where the images are and how to split them when the folder has no splits."""
+    """Which files count as images and how to split a folder that has no splits."""
 
-    root: Path | None = None
     extensions: tuple[str, ...] = (
         ".jpg",
         ".jpeg",

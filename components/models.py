@@ -6,6 +6,7 @@ rebuilt by this code alone and loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,8 +46,6 @@ class FrozenTransferModel(nn.Module):
 def build_model(spec: ModelSpec, backbone: Backbone) -> nn.Module:
     """An untrained network of the right shape for ``spec`` (weights are loaded afterwards)."""
     if spec.cut is not None:
-        import copy
-
         prefix = copy.deepcopy(backbone.prefix(spec.cut))
         return FrozenTransferModel(prefix, nn.Linear(backbone.channels(spec.cut), spec.num_classes))
     return fresh_model(backbone, spec.num_classes, pretrained=spec.init == "pretrained")

@@ -11,7 +11,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -193,8 +193,6 @@ def _finetuned(
 
 def _random_init_settings(settings: FinetuneSettings) -> FinetuneSettings:
     # From scratch every layer is new: one learning rate for all, and more patience.
-    from dataclasses import replace
-
     return replace(settings, body_lr_factor=1.0, patience=settings.patience + 2)
 
 

@@ -33,3 +33,8 @@ def test_dotted_overrides_apply_over_the_file(tmp_path: Path) -> None:
 def test_missing_config_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"nope\.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_example_config_matches_the_defaults() -> None:
+    example = Path(__file__).parents[2] / "infra" / "pipeline.example.yaml"
+    assert load_config(example) == build_config()
