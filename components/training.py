@@ -21,7 +21,7 @@ from components.backbones import Backbone
 from components.config import TrainConfig
 from components.features import choose_device
 from components.finetune import FinetuneSettings, finetune
-from components.heads import fit_linear_head
+from components.heads import HeadFit, fit_linear_head
 from components.images import Preprocessing
 from components.models import FrozenTransferModel, ModelSpec, build_model, save_model
 from components.strategy import TransferPlan
@@ -71,30 +71,46 @@ def choose_image_size(setting: int | str, median_short_side: int, native: int) -
     )
 
 
-def _frozen(
-    plan: TransferPlan,
-    backbone: Backbone,
-    train: SplitData,
-    val: SplitData,
-    classes: list[str],
-    cfg: TrainConfig,
-    image_size: int,
-    seed: int,
-) -> tuple[torch.nn.Module, ModelSpec, float, tuple[dict[str, float], ...], dict[str, object]]:
-    cut = plan.cut or "head"
-    fit = fit_linear_head(
-        train.features[cut],
-        train.labels,
-        val.features[cut],
-        val.labels,
-        len(classes),
+@dataclass(frozen=True)
+class TrainingJob:
+    """Everything one training run reads, passed as one value."""
+
+    plan: TransferPlan
+    backbone: Backbone
+    train: SplitData
+    val: SplitData
+    classes: list[str]
+    cfg: TrainConfig
+    prep: Preprocessing
+    run_dir: Path
+    seed: int
+
+
+_Trained = tuple[torch.nn.Module, ModelSpec, float, tuple[dict[str, float], ...]]
+
+
+def _fit_head(job: TrainingJob, cut: str) -> HeadFit:
+    cfg = job.cfg
+    return fit_linear_head(
+        job.train.features[cut],
+        job.train.labels,
+        job.val.features[cut],
+        job.val.labels,
+        len(job.classes),
         cfg.head_epochs,
         cfg.head_lr,
         cfg.label_smoothing,
-        seed,
+        job.seed,
     )
-    model = FrozenTransferModel(copy.deepcopy(backbone.prefix(cut)), fit.head).eval()
-    spec = ModelSpec(backbone.name, plan.case, cut, len(classes), "pretrained", image_size)
+
+
+def _frozen(job: TrainingJob) -> tuple[_Trained, list[dict[str, object]]]:
+    cut = job.plan.cut or "head"
+    fit = _fit_head(job, cut)
+    model = FrozenTransferModel(copy.deepcopy(job.backbone.prefix(cut)), fit.head).eval()
+    spec = ModelSpec(
+        job.backbone.name, job.plan.case, cut, len(job.classes), "pretrained", job.prep.image_size
+    )
     attempt = {
         "init": "pretrained",
         "trained": f"linear head after {cut}",
@@ -102,34 +118,12 @@ def _frozen(
         "weight_decay": fit.weight_decay,
         "best_epoch": fit.best_epoch,
     }
-    return model, spec, fit.val_accuracy, fit.history, attempt
+    return (model, spec, fit.val_accuracy, fit.history), [attempt]
 
 
-def _finetuned(
-    plan: TransferPlan,
-    backbone: Backbone,
-    train: SplitData,
-    val: SplitData,
-    classes: list[str],
-    cfg: TrainConfig,
-    prep: Preprocessing,
-    run_dir: Path,
-    seed: int,
-    device: torch.device,
-) -> tuple[
-    torch.nn.Module, ModelSpec, float, tuple[dict[str, float], ...], list[dict[str, object]]
-]:
-    probe = fit_linear_head(
-        train.features["head"],
-        train.labels,
-        val.features["head"],
-        val.labels,
-        len(classes),
-        cfg.head_epochs,
-        cfg.head_lr,
-        cfg.label_smoothing,
-        seed,
-    )
+def _finetuned(job: TrainingJob, device: torch.device) -> tuple[_Trained, list[dict[str, object]]]:
+    cfg, plan = job.cfg, job.plan
+    probe = _fit_head(job, "head")
     settings = FinetuneSettings(
         epochs=cfg.finetune_epochs,
         lr=cfg.finetune_lr,
@@ -143,26 +137,25 @@ def _finetuned(
     attempts: list[dict[str, object]] = [
         {"init": "frozen probe", "val_accuracy": probe.val_accuracy, "trained": "linear head only"}
     ]
-    inits = ["pretrained"] if plan.case == 3 else ["pretrained", "random"]
-    best = None
-    for init in inits:
+    best: _Trained | None = None
+    for init in ["pretrained"] if plan.case == 3 else ["pretrained", "random"]:
         spec = ModelSpec(
-            backbone.name, plan.case, None, len(classes), init, image_size=prep.image_size
+            job.backbone.name, plan.case, None, len(job.classes), init, job.prep.image_size
         )
-        model = build_model(spec, backbone)
+        model = build_model(spec, job.backbone)
         if (
             init == "pretrained"
         ):  # linear probe first, then fine-tune: the body starts from a sane head
             model.get_classifier().load_state_dict(probe.head.state_dict())
         result = finetune(
             model,
-            (train.paths, train.labels.tolist()),
-            (val.paths, val.labels.tolist()),
-            prep,
+            (job.train.paths, job.train.labels.tolist()),
+            (job.val.paths, job.val.labels.tolist()),
+            job.prep,
             settings if init == "pretrained" else _random_init_settings(settings),
-            run_dir / "checkpoints" / f"{init}.pt",
+            job.run_dir / "checkpoints" / f"{init}.pt",
             device,
-            seed,
+            job.seed,
         )
         attempts.append(
             {
@@ -175,8 +168,8 @@ def _finetuned(
         )
         if best is None or result.val_accuracy > best[2]:
             best = (model, spec, result.val_accuracy, result.history)
-        target = max(cfg.success_accuracy, probe.val_accuracy)
         if init == "pretrained" and plan.case == 4:
+            target = max(cfg.success_accuracy, probe.val_accuracy)
             success = result.val_accuracy >= target
             attempts[-1]["success"] = success
             log.info(
@@ -188,7 +181,7 @@ def _finetuned(
             if success:
                 break
     assert best is not None
-    return (*best, attempts)
+    return best, attempts
 
 
 def _random_init_settings(settings: FinetuneSettings) -> FinetuneSettings:
@@ -196,30 +189,14 @@ def _random_init_settings(settings: FinetuneSettings) -> FinetuneSettings:
     return replace(settings, body_lr_factor=1.0, patience=settings.patience + 2)
 
 
-def train_case(
-    plan: TransferPlan,
-    backbone: Backbone,
-    train: SplitData,
-    val: SplitData,
-    classes: list[str],
-    cfg: TrainConfig,
-    prep: Preprocessing,
-    run_dir: Path,
-    seed: int,
-) -> TrainResult:
-    """Train ``plan.case`` and save the model under ``run_dir``."""
+def train_case(job: TrainingJob) -> TrainResult:
+    """Train ``job.plan.case`` and save the model under ``job.run_dir``."""
     start = time.perf_counter()
-    torch.manual_seed(seed)
-    device = choose_device(cfg.device)
-    if plan.case in (1, 2):
-        model, spec, acc, history, attempt = _frozen(
-            plan, backbone, train, val, classes, cfg, prep.image_size, seed
-        )
-        attempts: list[dict[str, object]] = [attempt]
-    else:
-        model, spec, acc, history, attempts = _finetuned(
-            plan, backbone, train, val, classes, cfg, prep, run_dir, seed, device
-        )
+    torch.manual_seed(job.seed)
+    device = choose_device(job.cfg.device)
+    trained, attempts = _frozen(job) if job.plan.case in (1, 2) else _finetuned(job, device)
+    model, spec, acc, history = trained
+    classes, plan, run_dir = job.classes, job.plan, job.run_dir
     path = save_model(model, spec, classes, run_dir / "model.pt")
     log.info("case %d trained on %s: val accuracy %.4f", plan.case, device, acc)
     return TrainResult(

@@ -32,9 +32,10 @@ def train_model(
     splits = load_splits(
         read_manifest(usable_manifest), classes, backbone, prep, cache_dir, cfg.train.num_workers
     )
-    result = training.train_case(
+    job = training.TrainingJob(
         plan, backbone, splits["train"], splits["val"], classes, cfg.train, prep, run_dir, cfg.seed
     )
+    result = training.train_case(job)
     evaluation.plot_learning_curve(
         result.history, run_dir / "learning_curve.png", f"case {plan.case}"
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -40,3 +41,15 @@ def photo_root(tmp_path: Path) -> Path:
         for i in range(8):
             write_photo(root / label / f"{i}.jpg", seed=100 * c + i)
     return root
+
+
+def tiny_classifier(num_classes: int) -> torch.nn.Module:
+    """A seeded, very small image classifier for tests that need any real network quickly."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, num_classes),
+    ).eval()

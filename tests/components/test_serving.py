@@ -22,6 +22,7 @@ from components.config import ExportConfig
 from components.export import export_onnx
 from components.images import Preprocessing, preprocess_file
 from components.serving import OnnxClassifier, make_server
+from tests.conftest import tiny_classifier
 
 LABELS = ["circle", "square", "stripe"]
 PREP = Preprocessing(image_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -41,14 +42,7 @@ def _png(path: Path | None = None, size: tuple[int, int] = (48, 40)) -> bytes:
 def model_and_classifier(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[nn.Module, OnnxClassifier]:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, len(LABELS)),
-    ).eval()
+    model = tiny_classifier(len(LABELS))
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
     result = export_onnx(model, torch.randn(4, 3, 32, 32), out, ExportConfig())
     return model, OnnxClassifier(result.onnx_path, LABELS, PREP)

@@ -13,11 +13,11 @@ import torch
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.models import Model
-from torch import nn
 
 from components import tracking
 from components.config import ExportConfig, TrackingConfig
 from components.export import export_onnx
+from tests.conftest import tiny_classifier
 
 LABELS = ["cat", "dog", "fox"]
 PREP = {"image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
@@ -25,14 +25,7 @@ PREP = {"image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
 @pytest.fixture(scope="module")
 def onnx_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, len(LABELS)),
-    )
+    model = tiny_classifier(len(LABELS))
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
     return export_onnx(model, torch.randn(4, 3, 32, 32), out, ExportConfig()).onnx_path
 

@@ -10,7 +10,7 @@ from components.images import Preprocessing
 from components.similarity import SimilarityReport
 from components.splits import load_splits
 from components.strategy import StrategyConfig, select_case
-from components.training import choose_image_size, train_case
+from components.training import TrainingJob, choose_image_size, train_case
 
 
 @pytest.fixture(scope="module")
@@ -34,42 +34,29 @@ def _plan(manifest, case: int):
     return select_case(count_dataset(manifest), sim, StrategyConfig(case=case, cut_block=3))
 
 
+def _job(setup, plan, cfg: TrainConfig, run_dir: Path) -> TrainingJob:
+    _, backbone, prep, classes, splits = setup
+    return TrainingJob(
+        plan, backbone, splits["train"], splits["val"], classes, cfg, prep, run_dir, 0
+    )
+
+
 def _cfg(**kw) -> TrainConfig:
     return TrainConfig(finetune_epochs=1, head_epochs=30, batch_size=32, num_workers=0, **kw)
 
 
 @pytest.mark.parametrize("case", [1, 2])
 def test_frozen_cases_train_a_head_only(setup, tmp_path: Path, case: int) -> None:
-    manifest, backbone, prep, classes, splits = setup
-    result = train_case(
-        _plan(manifest, case),
-        backbone,
-        splits["train"],
-        splits["val"],
-        classes,
-        _cfg(),
-        prep,
-        tmp_path,
-        0,
-    )
+    manifest = setup[0]
+    result = train_case(_job(setup, _plan(manifest, case), _cfg(), tmp_path))
     assert result.spec.cut == ("head" if case == 1 else "block3")
     assert result.val_accuracy > 0.8 and result.model_path.is_file()
 
 
 def test_case_4_falls_back_to_random_init_and_keeps_the_better(setup, tmp_path: Path) -> None:
-    manifest, backbone, prep, classes, splits = setup
+    manifest = setup[0]
     cfg = _cfg(success_accuracy=1.0)  # only a perfect score counts as success
-    result = train_case(
-        _plan(manifest, 4),
-        backbone,
-        splits["train"],
-        splits["val"],
-        classes,
-        cfg,
-        prep,
-        tmp_path,
-        0,
-    )
+    result = train_case(_job(setup, _plan(manifest, 4), cfg, tmp_path))
     inits = [a["init"] for a in result.attempts]
     pretrained = next(a for a in result.attempts if a["init"] == "pretrained")
     assert pretrained["val_accuracy"] < 1.0  # ten classes and one epoch: never perfect
@@ -80,15 +67,11 @@ def test_case_4_falls_back_to_random_init_and_keeps_the_better(setup, tmp_path: 
 
 
 def test_fine_tune_resumes_from_its_checkpoint(setup, tmp_path: Path) -> None:
-    manifest, backbone, prep, classes, splits = setup
+    manifest = setup[0]
     plan = _plan(manifest, 3)
-    first = train_case(
-        plan, backbone, splits["train"], splits["val"], classes, _cfg(), prep, tmp_path, 0
-    )
+    first = train_case(_job(setup, plan, _cfg(), tmp_path))
     cfg = TrainConfig(finetune_epochs=2, head_epochs=30, batch_size=32, num_workers=0)
-    second = train_case(
-        plan, backbone, splits["train"], splits["val"], classes, cfg, prep, tmp_path, 0
-    )
+    second = train_case(_job(setup, plan, cfg, tmp_path))
     attempt = next(a for a in second.attempts if a["init"] == "pretrained")
     assert attempt["resumed_from_epoch"] == 1
     assert len(second.history) == 2 and second.history[0] == first.history[0]
