@@ -12,9 +12,10 @@ from components.config import PipelineConfig
 from components.dataset import read_manifest
 from components.features import choose_device, extract_features
 from components.images import Preprocessing
+from tasks.policy import transient_only
 
 
-@task(name="embed", retries=1, cache_policy=NO_CACHE)
+@task(name="embed", retries=1, retry_condition_fn=transient_only, cache_policy=NO_CACHE)
 def embed_dataset(
     usable_manifest: Path, prep: Preprocessing, cfg: PipelineConfig, cache_dir: Path
 ) -> int:

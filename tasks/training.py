@@ -15,9 +15,16 @@ from components.images import Preprocessing
 from components.models import load_model
 from components.splits import load_splits
 from components.strategy import TransferPlan
+from tasks.policy import transient_only
 
 
-@task(name="train", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(
+    name="train",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient_only,
+    cache_policy=NO_CACHE,
+)
 def train_model(
     usable_manifest: Path,
     classes: list[str],
