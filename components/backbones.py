@@ -38,9 +38,9 @@ class Backbone:
         return truncate(self.model, cut)
 
     def channels(self, cut: str) -> int:
+        # Channel counts do not depend on resolution: a 32-px probe is enough and cheap.
         with torch.no_grad():
-            size = self.preprocessing.image_size
-            return int(self.prefix(cut).eval()(torch.zeros(1, 3, size, size)).shape[1])
+            return int(self.prefix(cut).eval()(torch.zeros(1, 3, 32, 32)).shape[1])
 
 
 def efficientnet_cut_points(model: nn.Module) -> tuple[str, ...]:

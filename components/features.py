@@ -155,5 +155,8 @@ def extract_features(
             device or choose_device("auto"),
         )
         cache.add(todo, computed)
-    widths = [backbone.channels(c) for c in backbone.cut_points]
+    with torch.no_grad():  # one tiny pass gives every cut point's width
+        widths = [
+            f.shape[1] for f in pooled_features(backbone.model.eval(), torch.zeros(1, 3, 32, 32))
+        ]
     return split_by_cut(cache.get(shas), widths, backbone.cut_points)
