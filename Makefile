@@ -38,8 +38,11 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# make bench DATA=path/to/hymenoptera_data (the PyTorch tutorial's ants/bees folder)
 bench: install
-	$(BIN)/python benchmarks/flow_timings.py --data ../shared/datasets/hymenoptera_data --json benchmarks/results/hymenoptera_flow.json
+	@test -n "$(DATA)" || { echo "usage: make bench DATA=path/to/hymenoptera_data"; exit 2; }
+	$(BIN)/python benchmarks/flow_timings.py --data $(DATA) --json benchmarks/results/hymenoptera_flow.json
+	$(BIN)/python benchmarks/vs_tutorial.py --data $(DATA) --json benchmarks/results/vs_tutorial.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .pytest_prefect transfer-runs

@@ -1,6 +1,6 @@
 """Run the whole flow on a folder and write its stage timings (and outcome) as JSON.
 
-    python benchmarks/flow_timings.py --data ../shared/datasets/hymenoptera_data \
+    python benchmarks/flow_timings.py --data path/to/hymenoptera_data \
         --json benchmarks/results/hymenoptera_flow.json [--set train.device=cpu] [--repeat 2]
 
 The second repeat shows the warm path: the feature cache makes a rerun on the same data skip the

@@ -8,6 +8,8 @@ weights file.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +34,8 @@ class Backbone:
     model: nn.Module  # eval mode, source classifier attached
     preprocessing: Preprocessing  # at the network's native resolution
     cut_points: tuple[str, ...]  # ordered, earliest first; the last one is the full feature map
+    # A model this pipeline trained carries a profile of its training data (see domain_profile.py).
+    profile_dir: Path | None = None
 
     def prefix(self, cut: str) -> nn.Module:
         """The network up to and including ``cut``, as one module giving a feature map."""
@@ -147,12 +151,50 @@ BACKBONES: dict[str, Callable[[Path | None], Backbone]] = {
 }
 
 
+def _pipeline_model(path: Path) -> Backbone:
+    """A model this pipeline trained, as the base of a new run (retraining it on new data).
+
+    A fine-tuned model (cases 3 and 4) brings its whole network; a frozen one (cases 1 and 2) learned
+    nothing below its head, so its base backbone is used. Either way the profile of its training
+    data (``profile/`` next to the model file) comes along for the similarity stage.
+    """
+    if not path.is_file():
+        raise BackboneError(f"base model {path} does not exist")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        spec = json.loads(saved["spec"])
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise BackboneError(f"{path} is not a model saved by this pipeline") from err
+    if str(spec["backbone"]).startswith("model-"):
+        raise BackboneError(f"{path} was itself trained from a base model; chain from its file")
+    base = load_backbone(spec["backbone"])
+    model = base.model
+    if spec["cut"] is None:
+        model = timm.create_model(
+            base.architecture, pretrained=False, num_classes=int(spec["num_classes"])
+        )
+        model.load_state_dict(saved["state_dict"])
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    profile = path.parent / "profile"
+    return Backbone(
+        name=f"model-{digest}",
+        architecture=base.architecture,
+        model=model.eval(),
+        preprocessing=base.preprocessing,
+        cut_points=base.cut_points,
+        profile_dir=profile if (profile / "profile.json").is_file() else None,
+    )
+
+
 def load_backbone(name: str, weights: Path | None = None) -> Backbone:
-    """Build a registered backbone, or ``timm:<architecture>`` from a local weights file."""
+    """Build a registered backbone, ``timm:<architecture>`` from a local weights file, or
+    ``model:<path>``, a model.pt this pipeline saved."""
     if name.startswith("timm:"):
         return _timm_local(name.split(":", 1)[1], weights)
+    if name.startswith("model:"):
+        return _pipeline_model(Path(name.split(":", 1)[1]))
     if name not in BACKBONES:
-        known = ", ".join([*BACKBONES, "timm:<architecture>"])
+        known = ", ".join([*BACKBONES, "timm:<architecture>", "model:<path>"])
         raise BackboneError(f"unknown backbone {name!r}; registered: {known}")
     return BACKBONES[name](weights)
 

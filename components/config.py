@@ -59,6 +59,13 @@ class SimilarityConfig(_Section):
     # Scale (in nats of mean symmetric KL) at which the BN-statistics score falls to 1/e.
     kl_scale: float = Field(1.5, gt=0)
     bootstrap_rounds: int = Field(200, ge=0)
+    # A stored domain profile (the profile/ folder saved with every trained model) to compare the
+    # images with; a base model trained by this pipeline brings its own when this is unset.
+    profile: Path | None = None
+    # Scale of the profile's MMD² at which its score falls to 1/e, and its weight in the
+    # combined score (a weighted geometric mean with the BatchNorm score).
+    mmd_scale: float = Field(0.05, gt=0)
+    profile_weight: float = Field(0.5, ge=0, le=1)
 
 
 class StrategyConfig(_Section):
@@ -70,6 +77,17 @@ class StrategyConfig(_Section):
     similar_threshold: float = Field(0.5, ge=0, le=1)
     # Case 2: cut after this block index (0-based) of the backbone; None = measured by probing.
     cut_block: int | None = None
+    # Budgeted verification: also train the runner-up case on a nested split of the training
+    # data and keep the better. "auto" runs it when the evidence is close (images per class within
+    # verify_size_factor of large_images_per_class, or an uncertain similarity call) and its
+    # estimated cost fits verify_budget_s.
+    verify: Literal["off", "on", "auto"] = "auto"
+    verify_size_factor: float = Field(4.0, ge=1)
+    verify_budget_s: float = Field(120.0, ge=0)
+    verify_fraction: float = Field(0.2, gt=0, lt=0.5)  # share of training images held out
+    # The runner-up replaces the rule's case only if it wins on the nested split by more than this
+    # many standard errors of the accuracy difference (noise on a small held-out set is no win).
+    verify_margin_se: float = Field(1.0, ge=0)
 
 
 class TrainConfig(_Section):
@@ -85,8 +103,12 @@ class TrainConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     num_workers: int = Field(2, ge=0)
+    # Frozen-feature pass: auto = ONNX Runtime on CPU (about 2x faster), PyTorch bf16 on CUDA.
+    feature_engine: Literal["auto", "onnxruntime", "torch"] = "auto"
     # Case 4 falls back to random initialisation when pre-trained fine-tuning scores below this.
     success_accuracy: float = Field(0.8, ge=0, le=1)
+    # Fine-tuning processes; auto = one per CUDA GPU when there are several, else 1.
+    processes: int | Literal["auto"] = "auto"
 
 
 class ExportConfig(_Section):

@@ -75,6 +75,14 @@ def decision_markdown(
         f"- source classifier: mean normalised entropy {similarity.source_entropy:.3f}, "
         f"mean top probability {similarity.source_max_prob:.3f}",
     ]
+    if similarity.profile is not None:
+        prof = similarity.profile
+        lines += [
+            f"- against the stored domain profile ({prof['n_profile']} training images): MMD² "
+            f"{prof['mmd2']:.4f}, Fréchet distance per dimension {prof['frechet_per_dim']:.3f}, "
+            f"profile score {prof['score']:.3f}; combined with the BatchNorm score "
+            f"{similarity.bn_score:.3f} (profile weight {prof['weight']})",
+        ]
     if plan.probe is not None:
         lines += [
             "",
@@ -86,4 +94,25 @@ def decision_markdown(
             f"| {c}{' (chosen)' if c == plan.probe.chosen else ''} | {m:.3f} | {s:.3f} |"
             for c, m, s in zip(plan.probe.cuts, plan.probe.means, plan.probe.stds, strict=True)
         ]
+    if plan.verification is not None:
+        v = plan.verification
+        lines += ["", "## Verification against the runner-up case"]
+        if "inner_accuracy" in v:
+            lines += [
+                f"- nested split: {v['n_inner_train']} training / {v['n_inner_val']} held-out images; "
+                f"the runner-up must win by more than {v['margin']:.3f} (one standard error)",
+                "",
+                "| case | nested accuracy | seconds |",
+                "|---|---|---|",
+            ]
+            lines += [
+                f"| {c}{' (kept)' if int(c) == v['chosen_case'] else ''} | {a:.3f} | {v['inner_seconds'][c]} |"
+                for c, a in v["inner_accuracy"].items()
+            ]
+        else:
+            lines.append(
+                f"- case {v['runner_up']} {'would be' if v['run'] else 'was not'} checked: {v['reason']} "
+                f"(mode {v['mode']}"
+                + (f", estimate {v['estimated_seconds']} s)" if v["estimated_seconds"] else ")")
+            )
     return "\n".join(lines) + "\n"

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from components.backbones import Backbone
 from components.config import SimilarityConfig
+from components.domain_profile import DomainProfile, compare_to_profile
 from components.features import ImageFiles
 from components.images import Preprocessing, eval_transform
 
@@ -42,12 +43,19 @@ class SimilarityReport:
     n_images: int
     kl_scale: float
     extras: dict[str, float] = field(default_factory=dict)
+    bn_score: float | None = None  # exp(-mean_kl / kl_scale); equals score when there is no profile
+    profile: dict[str, object] | None = None  # the comparison with a stored domain profile
+    # Per BN layer, per channel: the sample's input mean and variance (kept for the domain profile).
+    bn_mean: tuple[np.ndarray, ...] = field(default=(), repr=False, compare=False)
+    bn_var: tuple[np.ndarray, ...] = field(default=(), repr=False, compare=False)
 
     def to_dict(self) -> dict[str, object]:
         return {
             "score": self.score,
             "low": self.low,
             "high": self.high,
+            "bn_score": self.bn_score,
+            "profile": self.profile,
             "mean_kl": self.mean_kl,
             "layer_kl": dict(zip(self.layer_names, self.layer_kl, strict=True)),
             "source_entropy": self.source_entropy,
@@ -114,21 +122,42 @@ def symmetric_kl(
     return 0.5 * ((var_a + diff2) / var_b + (var_b + diff2) / var_a) - 1.0
 
 
+def sample_moments(
+    firsts: Sequence[np.ndarray], seconds: Sequence[np.ndarray], rows: np.ndarray, eps: float
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per-layer, per-channel mean and variance of the images ``rows`` from per-image moments."""
+    means = [f[rows].mean(axis=0) for f in firsts]
+    variances = [
+        np.maximum(s[rows].mean(axis=0) - m**2, 0.0) + eps
+        for s, m in zip(seconds, means, strict=True)
+    ]
+    return means, variances
+
+
 def layer_divergences(
-    layers: Sequence[nn.BatchNorm2d],
+    reference: Sequence[tuple[np.ndarray, np.ndarray]],
     firsts: Sequence[np.ndarray],
     seconds: Sequence[np.ndarray],
     rows: np.ndarray,
+    eps: float = 1e-3,
 ) -> np.ndarray:
-    """Mean (over channels) symmetric KL at every BN layer for the images ``rows``."""
-    out = np.empty(len(layers))
-    for i, bn in enumerate(layers):
-        mean = firsts[i][rows].mean(axis=0)
-        var = np.maximum(seconds[i][rows].mean(axis=0) - mean**2, 0.0) + bn.eps
-        src_mean = bn.running_mean.detach().cpu().numpy()
-        src_var = bn.running_var.detach().cpu().numpy() + bn.eps
-        out[i] = float(symmetric_kl(mean, var, src_mean, src_var).mean())
-    return out
+    """Mean (over channels) symmetric KL at every BN layer between the images ``rows`` and
+    ``reference`` (per layer: channel means and variances)."""
+    means, variances = sample_moments(firsts, seconds, rows, eps)
+    return np.array(
+        [
+            float(symmetric_kl(m, v, ref_mean, ref_var + eps).mean())
+            for m, v, (ref_mean, ref_var) in zip(means, variances, reference, strict=True)
+        ]
+    )
+
+
+def source_statistics(layers: Sequence[nn.BatchNorm2d]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """What each BN layer remembers of the source data: running mean and variance."""
+    return [
+        (bn.running_mean.detach().cpu().numpy(), bn.running_var.detach().cpu().numpy())
+        for bn in layers
+    ]
 
 
 def score_from_kl(mean_kl: float, kl_scale: float) -> float:
@@ -143,44 +172,95 @@ def source_classifier_view(logits: np.ndarray) -> tuple[float, float]:
     return float(entropy.mean()), float(probs.max(1).values.mean())
 
 
+def sample_rows(n_paths: int, cfg: SimilarityConfig, seed: int) -> np.ndarray:
+    """Which images (row indices, sorted) the similarity stage looks at."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_paths, size=min(cfg.sample_size, n_paths), replace=False))
+
+
+def combine_scores(bn_score: float, profile_score: float, profile_weight: float) -> float:
+    """Weighted geometric mean: either measurement alone can pull the verdict towards 'different'."""
+    return float(bn_score ** (1 - profile_weight) * profile_score**profile_weight)
+
+
 def score_similarity(
     backbone: Backbone,
     paths: Sequence[str],
     cfg: SimilarityConfig,
     seed: int,
     num_workers: int = 2,
+    profile: DomainProfile | None = None,
+    profile_embeddings: np.ndarray | None = None,
 ) -> SimilarityReport:
-    """Score a sample of ``paths`` against the statistics the backbone stored from its source data."""
-    rng = np.random.default_rng(seed)
-    take = np.sort(rng.choice(len(paths), size=min(cfg.sample_size, len(paths)), replace=False))
+    """Score a sample of ``paths`` against the statistics the backbone stored from its source data,
+    and against a stored domain profile when one is given.
+
+    ``profile_embeddings`` are the pooled embeddings of the sampled images (``sample_rows``), in the
+    profile's preprocessing; the caller reads them from the feature cache.
+    """
+    take = sample_rows(len(paths), cfg, seed)
     names, firsts, seconds, logits = per_image_bn_moments(
         backbone, [paths[i] for i in take], backbone.preprocessing, cfg.batch_size, num_workers
     )
     layers = [m for _, m in _bn_layers(backbone.model)]
+    eps = layers[0].eps if layers else 1e-3
+    source = source_statistics(layers)
     everything = np.arange(len(take))
-    per_layer = layer_divergences(layers, firsts, seconds, everything)
+    rng = np.random.default_rng(seed)
+    resamples = [rng.choice(everything, len(take)) for _ in range(cfg.bootstrap_rounds)]
+    per_layer = layer_divergences(source, firsts, seconds, everything, eps)
     mean_kl = float(per_layer.mean())
-    boot = [
-        score_from_kl(
-            float(
-                layer_divergences(layers, firsts, seconds, rng.choice(everything, len(take))).mean()
-            ),
-            cfg.kl_scale,
+    bn_score = score_from_kl(mean_kl, cfg.kl_scale)
+    boot = np.array(
+        [
+            score_from_kl(
+                float(layer_divergences(source, firsts, seconds, r, eps).mean()), cfg.kl_scale
+            )
+            for r in resamples
+        ]
+    )
+    score, comparison = bn_score, None
+    if profile is not None and profile_embeddings is not None:
+        same_layers = tuple(names) == profile.bn_layers
+        profile_kl = (
+            tuple(
+                float(v)
+                for v in layer_divergences(
+                    list(zip(profile.bn_mean, profile.bn_var, strict=True)),
+                    firsts,
+                    seconds,
+                    everything,
+                    eps,
+                )
+            )
+            if same_layers
+            else ()
         )
-        for _ in range(cfg.bootstrap_rounds)
-    ]
-    score = score_from_kl(mean_kl, cfg.kl_scale)
+        comparison = compare_to_profile(
+            profile_embeddings, profile, cfg.mmd_scale, resamples, profile_kl
+        )
+        score = combine_scores(bn_score, comparison.score, cfg.profile_weight)
+        boot = np.array(
+            [
+                combine_scores(b, p, cfg.profile_weight)
+                for b, p in zip(boot, comparison.boot_scores, strict=True)
+            ]
+        )
     low, high = (
-        (float(np.percentile(boot, 5)), float(np.percentile(boot, 95))) if boot else (score, score)
+        (float(np.percentile(boot, 5)), float(np.percentile(boot, 95)))
+        if len(boot)
+        else (score, score)
     )
     entropy, max_prob = source_classifier_view(logits)
+    means, variances = sample_moments(firsts, seconds, everything, 0.0)
     log.info(
-        "similarity %.3f [%.3f, %.3f], mean KL %.3f over %d images",
+        "similarity %.3f [%.3f, %.3f], mean KL %.3f over %d images%s",
         score,
         low,
         high,
         mean_kl,
         len(take),
+        f", profile MMD² {comparison.mmd2:.4f}" if comparison else "",
     )
     return SimilarityReport(
         score=score,
@@ -193,4 +273,10 @@ def score_similarity(
         source_max_prob=max_prob,
         n_images=len(take),
         kl_scale=cfg.kl_scale,
+        bn_score=bn_score,
+        profile=None
+        if comparison is None
+        else {**comparison.to_dict(), "weight": cfg.profile_weight, "n_profile": profile.n_images},
+        bn_mean=tuple(means),
+        bn_var=tuple(variances),
     )

@@ -19,6 +19,7 @@ def load_splits(
     prep: Preprocessing,
     cache_dir: Path,
     num_workers: int = 2,
+    engine: str = "auto",
 ) -> dict[str, SplitData]:
     """One ``SplitData`` per split present; features come from the cache (computed if missing)."""
     index = {c: i for i, c in enumerate(classes)}
@@ -29,7 +30,13 @@ def load_splits(
             continue
         paths = rows["path"].tolist()
         features = extract_features(
-            backbone, paths, rows["sha256"].tolist(), prep, cache_dir, num_workers=num_workers
+            backbone,
+            paths,
+            rows["sha256"].tolist(),
+            prep,
+            cache_dir,
+            num_workers=num_workers,
+            engine=engine,
         )
         out[split] = SplitData(paths, rows["label"].map(index).to_numpy(), features)
     return out

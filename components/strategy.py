@@ -7,11 +7,11 @@ compared with a documented, overridable threshold, and the reason is written dow
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.model_selection import StratifiedKFold, cross_val_score, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -56,19 +56,31 @@ class TransferPlan:
     similarity_score: float
     similar_threshold: float
     probe: ProbeScores | None = None
+    verification: dict[str, object] | None = None  # budgeted check against the runner-up, if run
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
 def probe_cuts(
-    features: dict[str, np.ndarray], labels: np.ndarray, seed: int, folds: int = 3
+    features: dict[str, np.ndarray],
+    labels: np.ndarray,
+    seed: int,
+    folds: int = 3,
+    max_rows: int = 4000,
 ) -> ProbeScores:
     """Pick case 2's cut: the earliest cut whose probe accuracy is within noise of the best.
 
     Earlier cuts mean a smaller, faster model and features that are less specific to the source
     task, so a tie goes to the earlier one ("within noise" = one standard error of the best).
+    The probe ranks cuts; it need not see every image, so large sets are subsampled (stratified).
     """
+    if len(labels) > max_rows:
+        keep, _ = train_test_split(
+            np.arange(len(labels)), train_size=max_rows, stratify=labels, random_state=seed
+        )
+        keep = np.sort(keep)
+        features, labels = {c: x[keep] for c, x in features.items()}, labels[keep]
     counts = np.bincount(np.unique(labels, return_inverse=True)[1])
     k = int(max(2, min(folds, counts.min())))
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
@@ -153,4 +165,21 @@ def select_case(
         similarity_score=similarity.score,
         similar_threshold=cfg.similar_threshold,
         probe=probe,
+    )
+
+
+def plan_for_case(
+    plan: TransferPlan, case: int, probe: ProbeScores | None, cut_block: int | None, why: str = ""
+) -> TransferPlan:
+    """The same evidence with another case trained (verification, benchmarks); ``why`` is appended."""
+    cut = None
+    if case == 2:
+        if cut_block is not None:
+            cut = f"block{cut_block}"
+        elif probe is not None:
+            cut = probe.chosen
+        else:
+            raise ConfigError("case 2 needs strategy.cut_block or probe scores to choose the cut")
+    return replace(
+        plan, case=case, cut=cut, probe=probe or plan.probe, reason=f"{plan.reason} {why}".strip()
     )

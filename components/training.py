@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ import torch
 
 from components.backbones import Backbone
 from components.config import TrainConfig
+from components.distributed import resolve_processes
+from components.distributed_finetune import launch_distributed
 from components.features import choose_device
 from components.finetune import FinetuneSettings, finetune
 from components.heads import HeadFit, fit_linear_head
@@ -133,11 +136,13 @@ def _finetuned(job: TrainingJob, device: torch.device) -> tuple[_Trained, list[d
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         flip=plan.similarity == "similar",
+        freeze_bn=True,
     )
     attempts: list[dict[str, object]] = [
         {"init": "frozen probe", "val_accuracy": probe.val_accuracy, "trained": "linear head only"}
     ]
     best: _Trained | None = None
+    processes = resolve_processes(cfg.processes, device)
     for init in ["pretrained"] if plan.case == 3 else ["pretrained", "random"]:
         spec = ModelSpec(
             job.backbone.name, plan.case, None, len(job.classes), init, job.prep.image_size
@@ -147,7 +152,10 @@ def _finetuned(job: TrainingJob, device: torch.device) -> tuple[_Trained, list[d
             init == "pretrained"
         ):  # linear probe first, then fine-tune: the body starts from a sane head
             model.get_classifier().load_state_dict(probe.head.state_dict())
-        result = finetune(
+        run = finetune
+        if processes > 1:
+            run = partial(launch_distributed, backbone=job.backbone, spec=spec, processes=processes)
+        result = run(
             model,
             (job.train.paths, job.train.labels.tolist()),
             (job.val.paths, job.val.labels.tolist()),
@@ -185,8 +193,9 @@ def _finetuned(job: TrainingJob, device: torch.device) -> tuple[_Trained, list[d
 
 
 def _random_init_settings(settings: FinetuneSettings) -> FinetuneSettings:
-    # From scratch every layer is new: one learning rate for all, and more patience.
-    return replace(settings, body_lr_factor=1.0, patience=settings.patience + 2)
+    # From scratch every layer is new: one learning rate for all, more patience, and BatchNorm
+    # statistics learned from the data (there are no stored ones to keep).
+    return replace(settings, body_lr_factor=1.0, patience=settings.patience + 2, freeze_bn=False)
 
 
 def train_case(job: TrainingJob) -> TrainResult:

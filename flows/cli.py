@@ -46,6 +46,16 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"\ncase {summary['case']}{' (cut after ' + summary['cut'] + ')' if summary.get('cut') else ''}"
     )
     print(f"why: {summary['reason']}")
+    sim = summary["similarity"]
+    profile = (
+        f"; against the stored profile {sim['profile']['score']:.2f} (MMD² {sim['profile']['mmd2']:.3f})"
+        if sim.get("profile")
+        else ""
+    )
+    print(
+        f"similarity {sim['score']:.2f} (90% interval {sim['low']:.2f}-{sim['high']:.2f}, "
+        f"mean BatchNorm KL {sim['mean_kl']:.2f}){profile}"
+    )
     if summary.get("quarantined"):
         print(f"quarantined {len(summary['quarantined'])} file(s):")
         for q in summary["quarantined"][:10]:

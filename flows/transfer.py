@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,13 @@ from tasks.context import RunContext, dataset_name, make_context
 from tasks.dataset import count_dataset, scan_dataset
 from tasks.export import export_model
 from tasks.features import embed_dataset
+from tasks.profile import save_domain_profile
 from tasks.similarity import score_similarity
 from tasks.strategy import select_case
 from tasks.tracking import log_and_register
 from tasks.training import evaluate_model, train_model
 from tasks.validation import validate_dataset
+from tasks.verification import plan_verification, verify_case
 
 
 @dataclass
@@ -90,7 +92,9 @@ def decide(data: str, cfg: PipelineConfig, clock: StageClock) -> Decision:
     with clock.stage("embed"):
         embed_dataset(validation.usable_manifest_path, prep, cfg, ctx.cache_dir)
     with clock.stage("similarity"):
-        similarity = score_similarity(validation.usable_manifest_path, cfg, ctx.run_dir)
+        similarity = score_similarity(
+            validation.usable_manifest_path, cfg, ctx.run_dir, ctx.cache_dir
+        )
     with clock.stage("select_case"):
         plan = select_case(
             validation.usable_manifest_path,
@@ -117,6 +121,8 @@ def _decision_summary(d: Decision) -> dict[str, Any]:
             "low": d.similarity.low,
             "high": d.similarity.high,
             "mean_kl": d.similarity.mean_kl,
+            "bn_score": d.similarity.bn_score,
+            "profile": d.similarity.profile,
         },
         "counts": {
             "total": d.counts.total,
@@ -127,6 +133,8 @@ def _decision_summary(d: Decision) -> dict[str, Any]:
             "large_images_per_class": d.plan.large_images_per_class,
             "similar_threshold": d.plan.similar_threshold,
         },
+        "probe": None if d.plan.probe is None else asdict(d.plan.probe),
+        "verification": d.plan.verification,
         "quarantined": [{"path": q.path, "reason": q.reason} for q in d.validation.quarantined],
         "image_size": d.prep.image_size,
         "image_size_reason": d.image_size_reason,
@@ -141,7 +149,10 @@ def plan_flow(data: str, config: PipelineConfig | None = None) -> dict[str, Any]
     cfg = config or PipelineConfig()
     clock = StageClock()
     start = time.perf_counter()
-    summary = _decision_summary(decide(data, cfg, clock))
+    d = decide(data, cfg, clock)
+    preview = plan_verification(d.plan, d.counts, d.prep, cfg, d.ctx.cache_dir)
+    d = replace(d, plan=replace(d.plan, verification=preview.to_dict()))
+    summary = _decision_summary(d)
     return {
         **summary,
         "stage_seconds": clock.seconds,
@@ -156,6 +167,18 @@ def transfer_flow(data: str, config: PipelineConfig | None = None) -> dict[str, 
     clock = StageClock()
     start = time.perf_counter()
     d = decide(data, cfg, clock)
+    with clock.stage("verify"):
+        plan = verify_case(
+            d.validation.usable_manifest_path,
+            d.counts,
+            d.similarity,
+            d.plan,
+            d.prep,
+            cfg,
+            d.ctx.cache_dir,
+            d.ctx.run_dir,
+        )
+    d = replace(d, plan=plan)
     manifest, classes, run_dir = (
         d.validation.usable_manifest_path,
         list(d.counts.classes),
@@ -163,6 +186,8 @@ def transfer_flow(data: str, config: PipelineConfig | None = None) -> dict[str, 
     )
     with clock.stage("train"):
         trained = train_model(manifest, classes, d.plan, d.prep, cfg, d.ctx.cache_dir, run_dir)
+    with clock.stage("profile"):
+        save_domain_profile(manifest, d.similarity, d.prep, cfg, d.ctx.cache_dir, run_dir)
     with clock.stage("evaluate"):
         metrics = evaluate_model(manifest, trained, d.prep, cfg, d.ctx.cache_dir, run_dir)
     with clock.stage("export"):

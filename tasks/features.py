@@ -31,6 +31,7 @@ def embed_dataset(
         batch_size=cfg.train.batch_size * 2,
         num_workers=cfg.train.num_workers,
         device=choose_device(cfg.train.device),
+        engine=cfg.train.feature_engine,
     )
     get_run_logger().info("features ready for %d images at %d px", len(manifest), prep.image_size)
     return len(manifest)

@@ -46,11 +46,21 @@ def select_case(
         )["train"]
         probe = strategy.probe_cuts(train.features, train.labels, cfg.seed)
     plan = strategy.select_case(counts, similarity, cfg.strategy, probe)
+    publish_decision(counts, similarity, plan, run_dir)
+    get_run_logger().info(plan.reason)
+    return plan
+
+
+def publish_decision(
+    counts: DatasetCounts,
+    similarity: SimilarityReport,
+    plan: strategy.TransferPlan,
+    run_dir: Path,
+) -> None:
+    """Write ``decision.md`` and the probe plot, and publish the report as a Prefect artifact."""
     report = decision_markdown(counts, similarity, plan)
     (run_dir / "decision.md").write_text(report)
     plot_probe(plan, run_dir / "probe.png")
-    get_run_logger().info(plan.reason)
     create_markdown_artifact(
         key="decision-report", markdown=report, description=f"case {plan.case}"
     )
-    return plan

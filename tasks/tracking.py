@@ -86,12 +86,19 @@ def log_and_register(
             "similarity_low": similarity.low,
             "similarity_high": similarity.high,
             "similarity_mean_kl": similarity.mean_kl,
+            "similarity_bn": similarity.bn_score or similarity.score,
             "images_total": counts.total,
             "images_min_per_class": counts.min_train_per_class,
             "files_quarantined": len(validation.quarantined),
             "train_seconds": trained.seconds,
             "onnx_max_abs_diff": exported.max_abs_diff,
         }
+        if similarity.profile is not None:
+            scalars |= {
+                "profile_mmd2": similarity.profile["mmd2"],
+                "profile_frechet_per_dim": similarity.profile["frechet_per_dim"],
+                "profile_score": similarity.profile["score"],
+            }
         tracking.log_metrics(run_id, scalars, tracking_uri=uri)
         tracking.log_text(run_id, dump_config(cfg), "config.yaml", tracking_uri=uri)
         tracking.log_dict(
@@ -111,6 +118,8 @@ def log_and_register(
             if (ctx.run_dir / name).is_file():
                 tracking.log_artifact(run_id, ctx.run_dir / name, "report", tracking_uri=uri)
         tracking.log_artifact(run_id, validation.json_path, "validation", tracking_uri=uri)
+        if (ctx.run_dir / "profile").is_dir():
+            tracking.log_artifact(run_id, ctx.run_dir / "profile", "profile", tracking_uri=uri)
         if validation.docs_path is not None:
             tracking.log_artifact(
                 run_id, validation.docs_path.parent, "validation/data_docs", tracking_uri=uri

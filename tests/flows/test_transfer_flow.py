@@ -14,7 +14,7 @@ from components.config import build_config
 from components.images import Preprocessing, preprocess_file
 from components.tracking import load_registered
 from flows.cli import main
-from flows.transfer import transfer_flow
+from flows.transfer import plan_flow, transfer_flow
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +26,7 @@ def _config(tmp_path: Path, **sections):
             "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
             "similarity": {"sample_size": 32, "bootstrap_rounds": 50},
             "train": {"num_workers": 0},
+            "strategy": {"verify": "off"},
             **sections,
         }
     )
@@ -63,13 +64,60 @@ def test_flow_goes_from_folder_to_registered_onnx_model(digits_root: Path, tmp_p
     version = client.get_model_version_by_alias(summary["registered_model"], "candidate")
     assert int(version.version) == summary["model_version"] == 1
 
-    # A rerun on the same data embeds nothing again and registers version 2.
-    again = transfer_flow(data=str(digits_root), config=cfg)
+    # The model's training-data profile is saved next to it and logged with the run.
+    profile_dir = Path(summary["run_dir"]) / "profile"
+    assert json.loads((profile_dir / "profile.json").read_text())["n_images"] == 280
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "profile")} >= {
+        "profile/profile.json",
+        "profile/profile.npz",
+    }
+
+    # A rerun against that profile (retraining on the same data) embeds nothing again, finds the
+    # data identical to the profile's and registers version 2.
+    again_cfg = cfg.model_copy(
+        update={"similarity": cfg.similarity.model_copy(update={"profile": profile_dir})}
+    )
+    again = transfer_flow(data=str(digits_root), config=again_cfg)
     assert (
         again["model_version"] == 2
         and again["stage_seconds"]["embed"] < summary["stage_seconds"]["embed"]
     )
+    sim = again["similarity"]
+    assert sim["profile"]["score"] > 0.9 and sim["bn_score"] < 0.5
+    assert sim["score"] == pytest.approx(sim["bn_score"] ** 0.5 * sim["profile"]["score"] ** 0.5)
     mlflow.set_tracking_uri(None)
+
+
+def test_verification_trains_the_runner_up_on_a_nested_split(
+    digits_root: Path, tmp_path: Path
+) -> None:
+    cfg = _config(
+        tmp_path, strategy={"verify": "on"}, train={"num_workers": 0, "finetune_epochs": 1}
+    )
+    summary = transfer_flow(data=str(digits_root), config=cfg)
+    v = summary["verification"]
+    assert v["rule_case"] == 2 and v["runner_up"] == 4
+    assert set(v["inner_accuracy"]) == {"2", "4"} and v["n_inner_val"] == 56
+    kept = 4 if v["inner_accuracy"]["4"] > v["inner_accuracy"]["2"] + v["margin"] else 2
+    assert summary["case"] == v["chosen_case"] == kept
+    assert "nested split" in summary["reason"]
+    report = Path(summary["report"]).read_text()
+    assert "Verification against the runner-up case" in report and "| 4" in report
+
+
+def test_plans_are_deterministic_for_a_fixed_seed(digits_root: Path, tmp_path: Path) -> None:
+    cfg = _config(tmp_path, strategy={"verify": "auto"})
+    first, second = (plan_flow(data=str(digits_root), config=cfg) for _ in range(2))
+    varying = {"run_dir", "report", "seconds", "stage_seconds", "verification"}
+    assert {k: v for k, v in first.items() if k not in varying} == {
+        k: v for k, v in second.items() if k not in varying
+    }
+    assert first["probe"]["means"] == second["probe"]["means"]
+    # the verification preview says what a run would do and why, and trains nothing
+    preview = first["verification"]
+    assert preview["runner_up"] == 4 and not preview["run"]
+    assert "not close" in preview["reason"]  # 28 digits per class is far below 1000
+    assert not (Path(first["run_dir"]) / "verification").exists()
 
 
 def test_cli_json_summary_and_plan(digits_root: Path, tmp_path: Path, capsys) -> None:

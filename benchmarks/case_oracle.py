@@ -1,0 +1,210 @@
+"""Train every transfer case on one dataset and measure the pipeline's regret.
+
+The size x similarity rule (plus budgeted verification) picks one case; this benchmark trains all
+four with the pipeline's own recipe and reports each one's accuracy and wall time, the pipeline's
+pick, and its regret: best accuracy minus the pick's. Case 4's pre-trained attempt is exactly case
+3's training (same recipe, seed and data), so it resumes case 3's finished checkpoint and is charged
+case 3's time; its random-initialisation fallback runs only when the pipeline's success criterion
+says so, as in a real run.
+
+    python benchmarks/case_oracle.py DATA [--per-class N] [--finetune-epochs E] [--json OUT]
+
+``--per-class N`` takes the first N images of every class (from DATA/train/<class> when DATA has a
+train folder, else DATA/<class>) as symlinks in the output folder; the source is never touched.
+Results per case are cached in the output folder, so an interrupted benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from prefect import flow
+
+from components import evaluation, strategy
+from components.backbones import load_backbone
+from components.config import load_config
+from components.dataset import read_manifest
+from components.models import load_model
+from components.splits import load_splits
+from components.training import TrainingJob, train_case
+from flows.transfer import Decision, StageClock, decide
+from tasks.verification import verify_case
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def subset(source: Path, per_class: int, dest: Path) -> Path:
+    """DEST/<class>/ with symlinks to the first ``per_class`` images of every class."""
+    root = source / "train" if (source / "train").is_dir() else source
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        (dest / class_dir.name).mkdir(parents=True, exist_ok=True)
+        for f in files[:per_class]:
+            link = dest / class_dir.name / f.name
+            if not link.exists():
+                link.symlink_to(f.resolve())
+    return dest
+
+
+@flow(name="case-oracle-decision")
+def pipeline_decision(data: str, config: Any) -> tuple[Decision, strategy.TransferPlan]:
+    """The pipeline's own decision: the rule's case, then budgeted verification."""
+    d = decide(data, config, StageClock())
+    final = verify_case(
+        d.validation.usable_manifest_path,
+        d.counts,
+        d.similarity,
+        d.plan,
+        d.prep,
+        config,
+        d.ctx.cache_dir,
+        d.ctx.run_dir,
+    )
+    return d, final
+
+
+def _accuracy(model_path: Path, split: Any, backbone: Any, prep: Any, cfg: Any) -> float:
+    model, spec, _ = load_model(model_path, backbone)
+    feats = split.features.get(spec.cut) if spec.cut else None
+    logits = evaluation.model_logits(
+        model,
+        split.paths,
+        feats,
+        prep,
+        cfg.train.batch_size,
+        cfg.train.num_workers,
+        cfg.train.device,
+    )
+    return float((logits.argmax(1) == split.labels).mean())
+
+
+def train_every_case(d: Decision, cfg: Any, out: Path) -> list[dict[str, Any]]:
+    """Each case trained with the pipeline's recipe; results cached per case in ``out``."""
+    backbone = load_backbone(cfg.backbone, cfg.backbone_weights)
+    classes = list(d.counts.classes)
+    splits = load_splits(
+        read_manifest(d.validation.usable_manifest_path),
+        classes,
+        backbone,
+        d.prep,
+        d.ctx.cache_dir,
+        cfg.train.num_workers,
+    )
+    train, val, test = splits["train"], splits["val"], splits.get("test")
+    probe = d.plan.probe
+    if probe is None and cfg.strategy.cut_block is None:
+        probe = strategy.probe_cuts(train.features, train.labels, cfg.seed)
+    rows = []
+    for case in (1, 2, 3, 4):
+        cached = out / f"case{case}.json"
+        if cached.is_file():
+            rows.append(json.loads(cached.read_text()))
+            continue
+        plan = strategy.plan_for_case(d.plan, case, probe, cfg.strategy.cut_block)
+        run_dir = out / ("finetune" if case in (3, 4) else f"case{case}")
+        job = TrainingJob(plan, backbone, train, val, classes, cfg.train, d.prep, run_dir, cfg.seed)
+        print(f"training case {case} ...", flush=True)
+        start = time.perf_counter()
+        result = train_case(job)
+        seconds = time.perf_counter() - start
+        if case == 4:  # its pre-trained attempt resumed case 3's checkpoint: charge case 3's time
+            seconds += next(r["seconds"] for r in rows if r["case"] == 3)
+        row = {
+            "case": case,
+            "cut": plan.cut,
+            "val_accuracy": result.val_accuracy,
+            "test_accuracy": None
+            if test is None
+            else _accuracy(result.model_path, test, backbone, d.prep, cfg),
+            "seconds": round(seconds, 1),
+            "attempts": list(result.attempts),
+        }
+        cached.write_text(json.dumps(row, indent=1, default=str))
+        rows.append(row)
+        print(json.dumps(row, default=str), flush=True)
+    return rows
+
+
+def table(rows: list[dict[str, Any]], pick: int) -> str:
+    lines = ["| case | cut | val accuracy | test accuracy | seconds |", "|---|---|---|---|---|"]
+    for r in rows:
+        test = "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
+        mark = " **(pick)**" if r["case"] == pick else ""
+        lines.append(
+            f"| {r['case']}{mark} | {r['cut'] or '-'} | {r['val_accuracy']:.4f} | {test} | {r['seconds']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--per-class", type=int, default=None)
+    parser.add_argument("--finetune-epochs", type=int, default=None)
+    parser.add_argument("--verify", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--output-dir", type=Path, default=Path("transfer-runs/oracle"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    name = args.name or (
+        args.data.name + (f"-{args.per_class}-per-class" if args.per_class else "")
+    )
+    out = (args.output_dir / name).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data = subset(args.data, args.per_class, out / "data") if args.per_class else args.data
+    overrides: dict[str, Any] = {
+        "output_dir": str(args.output_dir),
+        "data.name": name,
+        "strategy.verify": args.verify,
+    }
+    if args.finetune_epochs:
+        overrides["train.finetune_epochs"] = args.finetune_epochs
+    cfg = load_config(None, overrides)
+
+    start = time.perf_counter()
+    decision, final = pipeline_decision(str(data), cfg)
+    decide_seconds = time.perf_counter() - start
+    rows = train_every_case(decision, cfg, out / "cases")
+    best = max(rows, key=lambda r: r["val_accuracy"])
+    picked = next(r for r in rows if r["case"] == final.case)
+    result = {
+        "dataset": name,
+        "data": str(data),
+        "counts": {"total": decision.counts.total, "per_split": decision.counts.per_split},
+        "min_train_per_class": decision.counts.min_train_per_class,
+        "image_size": decision.prep.image_size,
+        "similarity": decision.similarity.score,
+        "similarity_interval": [decision.similarity.low, decision.similarity.high],
+        "rule_case": decision.plan.case,
+        "verification": final.verification,
+        "pick": final.case,
+        "reason": final.reason,
+        "best_case": best["case"],
+        "regret": round(best["val_accuracy"] - picked["val_accuracy"], 4),
+        "decision_seconds": round(decide_seconds, 1),
+        "finetune_epochs": cfg.train.finetune_epochs,
+        "cases": rows,
+        "table": table(rows, final.case),
+    }
+    print(f"\n{name}: rule case {decision.plan.case}, pick case {final.case}")
+    print(result["table"])
+    print(f"regret (best val accuracy - pick's): {result['regret']:.4f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Feature-extraction throughput: the bare forward pass against the whole extraction, per engine.
+
+    python benchmarks/extract_throughput.py --data DIR [--batch-size 32] [--json OUT]
+
+(a) Bare forward: the feature graph (every cut point pooled and concatenated) on random tensors, in
+eager PyTorch, channels-last PyTorch and ONNX Runtime, after a warm-up. (b) End to end:
+``extract_features`` into a fresh temporary cache (files decoded and transformed in loader workers,
+run, cached) for each engine, on CPU. The ONNX engine's one-off export is timed apart, as a rerun
+reuses the file. (c) Decoding alone, on one core, as the loader workers do it.
+
+The ratio end-to-end / bare forward of the same engine says how much of the engine's speed survives
+decoding. Decoding needs CPU time too, so on a CPU the ratio cannot exceed the engine's share of the
+total work, printed as the ceiling. Each figure is the best of ``--repeat`` interleaved runs, since
+other work on the machine can only slow a run down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would garble the table
+
+import numpy as np
+import onnxruntime
+import torch
+
+from components.backbones import Backbone, load_backbone
+from components.config import DataConfig
+from components.features import NUM_WORKERS, ImageFiles, cache_key, extract_features
+from components.images import Preprocessing, eval_transform
+from components.onnx_features import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    PooledFeatureStack,
+    available_cpus,
+    extractor_onnx,
+    feature_session,
+)
+
+CPU = torch.device("cpu")
+
+
+def _rate(step: Callable[[], None], batch: int, min_images: int) -> float:
+    step()  # warm-up: allocations, ORT's first-run planning, oneDNN primitive caches
+    step()
+    done, start = 0, time.perf_counter()
+    while done < min_images:
+        step()
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+def bare_forward(
+    wrapper: PooledFeatureStack, onnx_path: Path, batch: int, size: int, min_images: int
+) -> dict[str, float]:
+    """Images/s of the same feature graph on one random batch, per engine."""
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    channels_last = copy.deepcopy(wrapper).to(memory_format=torch.channels_last)
+    session = feature_session(onnx_path, CPU)
+    x_np = x.numpy()
+
+    @torch.inference_mode()
+    def eager() -> None:
+        wrapper(x)
+
+    @torch.inference_mode()
+    def cl() -> None:
+        channels_last(x_cl)
+
+    def ort() -> None:
+        session.run([OUTPUT_NAME], {INPUT_NAME: x_np})
+
+    return {
+        "torch_eager": _rate(eager, batch, min_images),
+        "torch_channels_last": _rate(cl, batch, min_images),
+        "onnxruntime": _rate(ort, batch, min_images),
+    }
+
+
+def decode_rate(paths: list[str], prep: Preprocessing) -> float:
+    """Images/s of decoding and transforming files in one process with one thread."""
+    files = ImageFiles(paths, [0] * len(paths), eval_transform(prep))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a loader worker
+    try:
+        start = time.perf_counter()
+        for i in range(len(files)):
+            files[i]
+        return len(files) / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def end_to_end(
+    backbone: Backbone,
+    paths: list[str],
+    shas: list[str],
+    prep: Preprocessing,
+    engine: str,
+    batch: int,
+    workers: int,
+    onnx_path: Path,
+) -> tuple[float, np.ndarray]:
+    """Images/s of ``extract_features`` from files to a filled, fresh cache, and its rows."""
+    with tempfile.TemporaryDirectory(prefix="tp-extract-") as root:
+        if engine == "onnxruntime":  # the exported graph is reused, as on every run after the first
+            folder = Path(root) / cache_key(backbone, prep)
+            folder.mkdir()
+            shutil.copyfile(onnx_path, folder / onnx_path.name)
+        start = time.perf_counter()
+        feats = extract_features(
+            backbone, paths, shas, prep, Path(root), batch, workers, CPU, engine=engine
+        )
+        seconds = time.perf_counter() - start
+    return len(paths) / seconds, np.concatenate(list(feats.values()), axis=1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", required=True, type=Path, help="a folder of images (any depth)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=NUM_WORKERS)
+    parser.add_argument("--image-size", type=int, help="default: the backbone's native size")
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure; the best is kept")
+    parser.add_argument("--json", type=Path, help="write results here")
+    args = parser.parse_args()
+
+    backbone = load_backbone(args.backbone)
+    prep = backbone.preprocessing
+    if args.image_size:
+        prep = Preprocessing(
+            args.image_size, prep.mean, prep.std, prep.crop_pct, prep.interpolation
+        )
+    extensions = DataConfig().extensions
+    paths = sorted(str(p) for p in args.data.rglob("*") if p.suffix.lower() in extensions)
+    if not paths:
+        parser.error(f"no images under {args.data}")
+    shas = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
+    load_before = os.getloadavg()[0]
+
+    with tempfile.TemporaryDirectory(prefix="tp-graph-") as graph_dir:
+        start = time.perf_counter()
+        onnx_path = extractor_onnx(backbone, prep, Path(graph_dir))
+        export_seconds = time.perf_counter() - start
+        wrapper = PooledFeatureStack(backbone.model).eval()
+        runs: dict[str, list[float]] = {}
+        rows: dict[str, np.ndarray] = {}
+        for _ in range(args.repeat):  # interleaved, so a busy spell hits every figure alike
+            for name, rate in bare_forward(
+                wrapper, onnx_path, args.batch_size, prep.image_size, 4 * args.batch_size
+            ).items():
+                runs.setdefault(f"bare/{name}", []).append(rate)
+            for engine in ("onnxruntime", "torch"):
+                rate, rows[engine] = end_to_end(
+                    backbone,
+                    paths,
+                    shas,
+                    prep,
+                    engine,
+                    args.batch_size,
+                    args.num_workers,
+                    onnx_path,
+                )
+                runs.setdefault(f"end_to_end/{engine}", []).append(rate)
+            runs.setdefault("decode_one_core", []).append(decode_rate(paths, prep))
+
+    best = {k: round(max(v), 1) for k, v in runs.items()}
+    ratios = {
+        "onnxruntime": round(best["end_to_end/onnxruntime"] / best["bare/onnxruntime"], 3),
+        "torch": round(best["end_to_end/torch"] / best["bare/torch_channels_last"], 3),
+    }
+    cpus = available_cpus()
+    ceilings = {  # engine CPU time / (engine CPU time + decoding CPU time), per image
+        engine: round((cpus / best[bare]) / (cpus / best[bare] + 1 / best["decode_one_core"]), 3)
+        for engine, bare in (
+            ("onnxruntime", "bare/onnxruntime"),
+            ("torch", "bare/torch_channels_last"),
+        )
+    }
+    engines_diff = float(np.max(np.abs(rows["onnxruntime"] - rows["torch"])))
+    print(
+        f"{len(paths)} images, {prep.image_size} px, batch {args.batch_size}, "
+        f"{args.num_workers} loader workers, {available_cpus()} CPUs (images/s, best of {args.repeat})"
+    )
+    print(f"{'engine':<22}{'bare forward':>14}{'end to end':>12}{'ratio':>8}{'ceiling':>9}")
+    print(f"{'torch eager':<22}{best['bare/torch_eager']:>14.1f}")
+    print(
+        f"{'torch channels-last':<22}{best['bare/torch_channels_last']:>14.1f}"
+        f"{best['end_to_end/torch']:>12.1f}{ratios['torch']:>8.2f}{ceilings['torch']:>9.2f}"
+    )
+    print(
+        f"{'onnxruntime':<22}{best['bare/onnxruntime']:>14.1f}"
+        f"{best['end_to_end/onnxruntime']:>12.1f}{ratios['onnxruntime']:>8.2f}"
+        f"{ceilings['onnxruntime']:>9.2f}"
+    )
+    print(f"decoding + transform alone, one core: {best['decode_one_core']:.1f} images/s")
+    print(f"one-off ONNX export and parity check: {export_seconds:.1f} s")
+    print(f"largest |difference| between the engines' cached features: {engines_diff:.2e}")
+
+    result = {
+        "dataset": args.data.resolve().name,
+        "images": len(paths),
+        "backbone": backbone.name,
+        "image_size": prep.image_size,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "repeat": args.repeat,
+        "images_per_second": best,
+        "all_runs": {k: [round(r, 1) for r in v] for k, v in runs.items()},
+        "ratio_end_to_end_over_bare": ratios,
+        "ratio_ceiling": ceilings,
+        "max_abs_diff_between_engines": engines_diff,
+        "export_seconds": round(export_seconds, 1),
+        "machine": {
+            "cpus": available_cpus(),
+            "load_average_before": round(load_before, 2),
+            "load_average_after": round(os.getloadavg()[0], 2),
+            "cuda": torch.cuda.is_available(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
