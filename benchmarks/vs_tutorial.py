@@ -228,7 +228,7 @@ def run_pipeline(data: Path, out: Path) -> dict[str, Any]:
         "counts": summary["counts"]["per_split"],
         "quarantined": summary["quarantined"],
         "device": summary["device"],
-        "command": " ".join(cmd[1:]),
+        "command": "python -m flows.cli run --data DIR --json --output-dir FRESH",
         "fresh_prefect_home": env["PREFECT_HOME"] == str(out / "prefect-home"),
     }
 
@@ -271,6 +271,8 @@ def main() -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     speedup = tutorial["seconds"] / pipeline["seconds"]
     cpu_speedup = tutorial["cpu_seconds"] / pipeline["cpu_seconds"]
+    # The flow's own clock leaves out start-up: imports and Prefect's ephemeral server.
+    flow_speedup = tutorial["seconds"] / pipeline["flow_seconds"]
     print(f"\n{'':18}{'seconds':>10}{'CPU seconds':>13}{'val accuracy':>14}")
     for name, side in (("tutorial recipe", tutorial), ("our flow", pipeline)):
         print(
@@ -278,7 +280,8 @@ def main() -> int:
             f"{side['val_accuracy']:>14.4f}"
         )
     print(
-        f"speed-up {speedup:.1f}x (CPU time {cpu_speedup:.1f}x); accuracy {pipeline['val_accuracy'] - tutorial['val_accuracy']:+.4f} "
+        f"speed-up {speedup:.1f}x (CPU time {cpu_speedup:.1f}x; flow body alone "
+        f"{pipeline['flow_seconds']:.1f} s, {flow_speedup:.1f}x); accuracy {pipeline['val_accuracy'] - tutorial['val_accuracy']:+.4f} "
         f"(flow case {pipeline['case']}, {tutorial['val_images']} validation images)"
     )
     result = {
@@ -287,6 +290,7 @@ def main() -> int:
         "pipeline": pipeline,
         "speedup": round(speedup, 2),
         "cpu_time_speedup": round(cpu_speedup, 2),
+        "flow_body_speedup": round(flow_speedup, 2),
         "target": {"speedup_at_least": 8, "val_accuracy_at_least": "tutorial"},
         "meets_target": speedup >= 8 and pipeline["val_accuracy"] >= tutorial["val_accuracy"],
         "machine": {
