@@ -24,6 +24,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -259,6 +260,8 @@ def main() -> int:
             parser.error(
                 f"{data} has no {split}/ folder; the tutorial recipe needs train/ and val/"
             )
+    # A terminated run still unwinds: the flow's process is killed and the scratch folder removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     scratch = Path(tempfile.mkdtemp(prefix="vs-tutorial-", dir=args.output_dir))
     load_before = os.getloadavg()
     try:
