@@ -195,7 +195,8 @@ def main() -> int:
     engines_diff = float(np.max(np.abs(rows["onnxruntime"] - rows["torch"])))
     print(
         f"{len(paths)} images, {prep.image_size} px, batch {args.batch_size}, "
-        f"{args.num_workers} loader workers, {available_cpus()} CPUs (images/s, best of {args.repeat})"
+        f"{args.num_workers} loader workers, {available_cpus()} CPUs "
+        f"(images/s, best of {args.repeat})"
     )
     print(f"{'engine':<22}{'bare forward':>14}{'end to end':>12}{'ratio':>8}{'ceiling':>9}")
     print(f"{'torch eager':<22}{best['bare/torch_eager']:>14.1f}")
