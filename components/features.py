@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from components.backbones import Backbone
-from components.errors import ExportParityError
 from components.images import Preprocessing, eval_transform, open_image
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,10 @@ def pooled_features(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def cache_key(backbone: Backbone, prep: Preprocessing) -> str:
-    blob = json.dumps({"backbone": backbone.name, "prep": prep.to_dict()}, sort_keys=True)
+    blob = json.dumps(
+        {"backbone": backbone.name, "weights": backbone.weights_sha256, "prep": prep.to_dict()},
+        sort_keys=True,
+    )
     return f"{backbone.name.replace(':', '_')}-{prep.image_size}px-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
@@ -117,9 +119,10 @@ def choose_engine(engine: str, device: torch.device) -> str:
     return engine
 
 
-def _loader(
+def image_loader(
     paths: Sequence[str], prep: Preprocessing, batch_size: int, num_workers: int, pin: bool
 ) -> DataLoader:
+    """Batches of ``paths`` decoded in worker processes, so decoding overlaps inference."""
     return DataLoader(
         ImageFiles(paths, [0] * len(paths), eval_transform(prep)),
         batch_size=batch_size,
@@ -128,7 +131,8 @@ def _loader(
     )
 
 
-def _progress(loader: DataLoader, n: int) -> tqdm:
+def with_progress(loader: DataLoader, n: int) -> tqdm:
+    """``loader`` behind a progress bar counting batches."""
     return tqdm(loader, desc=f"embedding {n} images", unit="batch", leave=False)
 
 
@@ -144,10 +148,10 @@ def _run_torch(
     model = backbone.model.to(device).eval()
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
-    loader = _loader(paths, prep, batch_size, num_workers, pin=device.type == "cuda")
+    loader = image_loader(paths, prep, batch_size, num_workers, pin=device.type == "cuda")
     chunks = []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for images, _ in _progress(loader, len(paths)):
+    for images, _ in with_progress(loader, len(paths)):
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast:
             feats = pooled_features(model, images)
@@ -156,18 +160,20 @@ def _run_torch(
     return np.concatenate(chunks).astype(np.float16)
 
 
-def _run_onnx(
+def run_session(
     session: onnxruntime.InferenceSession,
     paths: Sequence[str],
     prep: Preprocessing,
     batch_size: int,
     num_workers: int,
+    dtype: type = np.float16,
 ) -> np.ndarray:
-    loader = _loader(paths, prep, batch_size, num_workers, pin=False)
+    """The session's first output for every image in ``paths``, row by row."""
+    loader = image_loader(paths, prep, batch_size, num_workers, pin=False)
     name = session.get_inputs()[0].name
     chunks = [
-        session.run(None, {name: images.numpy()})[0].astype(np.float16)
-        for images, _ in _progress(loader, len(paths))
+        session.run(None, {name: images.numpy()})[0].astype(dtype)
+        for images, _ in with_progress(loader, len(paths))
     ]
     return np.concatenate(chunks)
 
@@ -177,13 +183,13 @@ def _onnx_session(
 ) -> onnxruntime.InferenceSession | None:
     """The exported feature graph's session, or None (with a warning) when it cannot be trusted."""
     # Imported here: onnx_features builds on pooled_features from this module.
-    from components.onnx_features import extractor_onnx, feature_session
+    from components.onnx_features import extractor_onnx, trusted_session
 
-    try:
-        return feature_session(extractor_onnx(backbone, prep, folder), device)
-    except (ExportParityError, torch.onnx.OnnxExporterError) as err:
-        log.warning("ONNX feature graph unusable, computing features with PyTorch: %s", err)
-        return None
+    return trusted_session(
+        lambda: extractor_onnx(backbone, prep, folder),
+        device,
+        "ONNX feature graph unusable, computing features with PyTorch",
+    )
 
 
 def extract_features(
@@ -218,7 +224,7 @@ def extract_features(
         todo_paths = [first_path[s] for s in todo]
         session = _onnx_session(backbone, prep, folder, device) if engine == "onnxruntime" else None
         if session is not None:
-            computed = _run_onnx(session, todo_paths, prep, batch_size, num_workers)
+            computed = run_session(session, todo_paths, prep, batch_size, num_workers)
         else:
             computed = _run_torch(backbone, todo_paths, prep, batch_size, num_workers, device)
         cache.add(todo, computed)

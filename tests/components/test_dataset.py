@@ -45,6 +45,20 @@ def test_split_layout_is_kept(tmp_path: Path) -> None:
     assert (m["relpath"].str.split("/").str[0] == m["split"]).all()
 
 
+def test_train_and_test_folders_without_val_take_validation_from_train(tmp_path: Path) -> None:
+    for split, n in (("train", 10), ("test", 4)):
+        for label in ("a", "b"):
+            for i in range(n):
+                write_photo(tmp_path / split / label / f"{i}.png", seed=100 * len(label) + i)
+    m = _scan(tmp_path)
+    folder = m["relpath"].str.split("/").str[0]
+    assert (m.loc[folder == "test", "split"] == "test").all()  # test/ is never touched
+    assert set(m.loc[folder == "train", "split"]) == {"train", "val"}
+    per = m[folder == "train"].groupby(["label", "split"]).size().unstack()
+    assert (per["val"] >= 1).all() and (per["train"] >= 7).all()
+    assert _scan(tmp_path)["split"].tolist() == m["split"].tolist()
+
+
 def test_manifest_round_trips_labels_as_strings(digits_root: Path, tmp_path: Path) -> None:
     _scan(digits_root).to_csv(tmp_path / "m.csv", index=False)
     back = read_manifest(tmp_path / "m.csv")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +11,18 @@ import onnx
 import pytest
 import timm
 import torch
+from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
 from components.config import ExportConfig
 from components.errors import ExportParityError, PipelineError
-from components.export import ExportResult, check_parity, export_onnx, onnx_session
+from components.export import (
+    ExportResult,
+    check_parity,
+    export_onnx,
+    onnx_session,
+    static_same_padding,
+)
 
 CFG = ExportConfig()
 SIZE = 64
@@ -44,6 +52,28 @@ class DataDependent(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = x.mean(dim=(2, 3))
         return self.fc(feats) if feats.sum() > 0 else -self.fc(feats)
+
+
+class ShapeScaled(nn.Module):
+    """Reads the input size as a Python number: the tracer would freeze it, torch.export keeps it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean(dim=(2, 3))) / math.sqrt(x.shape[-1] * x.shape[-2])
+
+
+class PerImageLoop(nn.Module):
+    """A Python loop over the batch: both exporters unroll it, baking the batch size in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.fc(x[i].mean(dim=(1, 2))) for i in range(x.shape[0])])
 
 
 def _torch_logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -78,7 +108,8 @@ def test_timm_tf_efficientnet_exports_to_one_checked_file(
     assert [o.name for o in graph.output] == ["logits"]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
     assert result.opset >= CFG.opset
-    assert result.exporter == "dynamo"
+    assert result.exporter == "torchscript"  # the fast path, with its padding made constant
+    assert "Shape" not in {node.op_type for node in graph.node}
     assert result.provider == "CPUExecutionProvider" or result.provider.startswith("CUDA")
     assert result.n_checked == 4
     assert result.argmax_agreement == 1.0
@@ -142,3 +173,29 @@ def test_data_dependent_control_flow_is_refused_not_frozen(tmp_path: Path) -> No
 def test_sample_must_be_an_image_batch(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="N, C, H, W"):
         export_onnx(DataDependent(), torch.randn(3, 8, 8), tmp_path / "x.onnx", CFG)
+
+
+def test_static_same_padding_keeps_the_outputs_and_leaves_the_original_alone() -> None:
+    torch.manual_seed(2)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    static = static_same_padding(model, x)
+    assert any(isinstance(m, Conv2dSame) for m in model.modules())
+    assert not any(isinstance(m, Conv2dSame) for m in static.modules())
+    with torch.inference_mode():
+        torch.testing.assert_close(static(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_what_the_tracer_would_freeze_is_exported_by_torch_export(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = ShapeScaled()
+    result = export_onnx(model, torch.randn(4, 3, 8, 8), tmp_path / "scaled.onnx", CFG)
+    assert result.exporter == "dynamo"
+    assert result.argmax_agreement == 1.0
+
+
+def test_a_batch_size_baked_into_the_graph_fails_the_export(tmp_path: Path) -> None:
+    out = tmp_path / "loop.onnx"
+    with pytest.raises((ExportParityError, PipelineError), match=str(out)):
+        export_onnx(PerImageLoop(), torch.randn(4, 3, 8, 8), out, CFG)
+    assert not out.exists()

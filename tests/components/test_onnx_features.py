@@ -91,7 +91,7 @@ def test_engines_read_each_others_cache(lite0, images, by_engine, filled_by, rea
 def test_a_graph_that_disagrees_falls_back_to_pytorch(
     lite0, images, by_engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
-    monkeypatch.setattr(onnx_features, "PARITY_ATOL", 0.0)  # no float graph matches exactly
+    monkeypatch.setattr(onnx_features, "PARITY_RTOL", 0.0)  # no float graph matches exactly
     with caplog.at_level(logging.WARNING, logger="components.features"):
         got = _extract(lite0, images, tmp_path, "onnxruntime")
     assert "computing features with PyTorch" in caplog.text

@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from components.backbones import load_backbone
+from components.bn_moments import per_image_bn_moments
 from components.config import SimilarityConfig
-from components.similarity import per_image_bn_moments, score_similarity, symmetric_kl
+from components.similarity import (
+    resampled_divergences,
+    sample_moments,
+    score_similarity,
+    symmetric_kl,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +46,34 @@ def test_divergence_vanishes_where_the_stored_statistics_are_the_data_s(
     """Store the sample's own statistics in the first BN layer: its divergence must drop to ~0."""
     paths = sorted(str(p) for p in digits_root.rglob("*.png"))[:16]
     tuned = copy.deepcopy(lite0)
-    names, firsts, seconds, _ = per_image_bn_moments(tuned, paths, tuned.preprocessing, 16, 0)
-    first = dict(tuned.model.named_modules())[names[0]]
-    mean = firsts[0].mean(axis=0)
+    moments = per_image_bn_moments(tuned, paths, 16, 0)
+    first = dict(tuned.model.named_modules())[moments.names[0]]
+    mean = moments.firsts[0].mean(axis=0)
+    var = np.maximum(moments.seconds[0].mean(axis=0) - mean**2, 0)
     with torch.no_grad():
         first.running_mean.copy_(torch.from_numpy(mean))
-        first.running_var.copy_(torch.from_numpy(np.maximum(seconds[0].mean(axis=0) - mean**2, 0)))
+        first.running_var.copy_(torch.from_numpy(var))
     cfg = SimilarityConfig(sample_size=16, bootstrap_rounds=0)
     original = score_similarity(lite0, paths, cfg, 0, 0)
     matched = score_similarity(tuned, paths, cfg, 0, 0)
     assert original.layer_kl[0] > 1.0
     assert matched.layer_kl[0] < 1e-2
+
+
+def test_resampled_divergences_equal_one_resample_at_a_time() -> None:
+    rng = np.random.default_rng(0)
+    widths = (3, 5, 2)
+    firsts = [rng.normal(size=(10, w)) for w in widths]
+    seconds = [f**2 + rng.random(f.shape) for f in firsts]
+    reference = [(rng.normal(size=w), rng.random(w) + 0.5) for w in widths]
+    resamples = [rng.choice(10, 10) for _ in range(4)]
+    got = resampled_divergences(reference, firsts, seconds, resamples, 1e-3)
+    assert got.shape == (4, 3)
+    for row, r in zip(got, resamples, strict=True):
+        means, variances = sample_moments(firsts, seconds, r, 1e-3)
+        naive = [
+            symmetric_kl(m, v, rm, rv + 1e-3).mean()
+            for m, v, (rm, rv) in zip(means, variances, reference, strict=True)
+        ]
+        np.testing.assert_allclose(row, naive, rtol=1e-10)
+    assert len({tuple(np.round(row, 8)) for row in got}) > 1  # resamples really differ
