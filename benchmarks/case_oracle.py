@@ -76,16 +76,7 @@ def pipeline_decision(data: str, config: Any) -> tuple[Decision, strategy.Transf
 
 def _accuracy(model_path: Path, split: Any, backbone: Any, prep: Any, cfg: Any) -> float:
     model, spec, _ = load_model(model_path, backbone)
-    feats = split.features.get(spec.cut) if spec.cut else None
-    logits = evaluation.model_logits(
-        model,
-        split.paths,
-        feats,
-        prep,
-        cfg.train.batch_size,
-        cfg.train.num_workers,
-        cfg.train.device,
-    )
+    logits = evaluation.model_logits(model, spec.cut, split, prep, cfg.train)
     return float((logits.argmax(1) == split.labels).mean())
 
 

@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import json
 import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,8 +29,8 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would garble the table
 
 import numpy as np
-import onnxruntime
 import torch
+from report import machine, write_result
 
 from components.backbones import Backbone, load_backbone
 from components.config import DataConfig
@@ -227,22 +224,12 @@ def main() -> int:
         "ratio_ceiling": ceilings,
         "max_abs_diff_between_engines": engines_diff,
         "export_seconds": round(export_seconds, 1),
-        "machine": {
-            "cpus": available_cpus(),
-            "load_average_before": round(load_before, 2),
-            "load_average_after": round(os.getloadavg()[0], 2),
-            "cuda": torch.cuda.is_available(),
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "torch_threads": torch.get_num_threads(),
-        },
+        "machine": machine(
+            load_average_before=round(load_before, 2),
+            load_average_after=round(os.getloadavg()[0], 2),
+        ),
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_result(result, args.json)
     return 0
 
 

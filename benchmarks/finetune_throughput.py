@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -30,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from report import machine, write_result
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -38,7 +37,7 @@ from components.config import DataConfig, TrainConfig, ValidationConfig
 from components.counting import count_dataset
 from components.dataset import SPLIT_ALIASES, scan_dataset
 from components.features import ImageFiles, choose_device
-from components.finetune import predict_logits
+from components.finetune import predict_logits, train_step
 from components.images import Preprocessing, eval_transform, train_transform
 from components.splits import load_splits
 from components.strategy import TransferPlan
@@ -97,7 +96,7 @@ def time_training_steps(
         generator=torch.Generator().manual_seed(0),
     )
     batches = list(itertools.islice(itertools.cycle(loader), warmup + steps))
-    model = fresh_model(backbone, num_classes, pretrained=True)
+    model = fresh_model(backbone, num_classes, copy_backbone=True)
     model.to(device).to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.finetune_lr, weight_decay=cfg.weight_decay)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -107,13 +106,7 @@ def time_training_steps(
         if i == warmup:
             _sync(device)
             start = time.perf_counter()
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = loss_fn(model(images), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, images, labels, opt, loss_fn, device, use_bf16)
         if i >= warmup:
             images_seen += len(labels)
     _sync(device)
@@ -271,16 +264,10 @@ def main() -> int:
         "val_pass": val_pass,
         "finetune": finetune,
         "case_3_total_seconds": round(result.seconds, 2),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "cuda": torch.cuda.is_available(),
-            "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine(
+            device_name=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            load_average_after=[round(x, 2) for x in os.getloadavg()],
+        ),
     }
     print(f"\n{'measure':44}{'value':>12}")
     for name, value in (
@@ -298,10 +285,7 @@ def main() -> int:
         ),
     ):
         print(f"{name:44}{value!s:>12}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
-        print(f"wrote {args.json}")
+    write_result(out, args.json)
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -21,7 +20,8 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import torch
+
+from report import machine, write_result
 
 from components.config import load_config
 from flows.transfer import transfer_flow
@@ -71,20 +71,11 @@ def main() -> int:
                 f"val accuracy {summary['metrics']['val_accuracy']:.4f}; stages (s): {stages}"
             )
     result = {
-        "dataset": str(args.data),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "cuda": torch.cuda.is_available(),
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "torch_threads": torch.get_num_threads(),
-        },
+        "dataset": args.data.name,
+        "machine": machine(),
         "runs": runs,
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_result(result, args.json)
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -32,12 +31,13 @@ import numpy as np
 import onnxruntime
 import torch
 from PIL import Image
+from report import write_result
 from torch import nn
 
 from components.backbones import Backbone, fresh_model, load_backbone
 from components.config import ExportConfig
 from components.export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_session
-from components.finetune import FinetuneSettings, finetune
+from components.finetune import FinetuneSettings, finetune, train_step
 from components.images import Preprocessing
 
 
@@ -127,8 +127,8 @@ def time_inference(
 def training_step(
     backbone: Backbone, device: torch.device, batch: int, size: int, bf16: bool
 ) -> Callable[[], None]:
-    """One fine-tuning step of the whole network (AdamW, as the pipeline's fine-tune), as a closure."""
-    model = fresh_model(backbone, 10, pretrained=True).to(device)
+    """One fine-tuning step of the whole network (the pipeline's own step, AdamW), as a closure."""
+    model = fresh_model(backbone, 10, copy_backbone=True).to(device)
     model = model.to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = nn.CrossEntropyLoss()
@@ -138,11 +138,7 @@ def training_step(
     y = torch.randint(0, 10, (batch,), device=device)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, x, y, opt, loss_fn, device, bf16)
 
     return step
 
@@ -252,7 +248,7 @@ def run_finetune(
         batch_size=batch,
         num_workers=min(4, os.cpu_count() or 1),
     )
-    model = fresh_model(backbone, 2, pretrained=True)
+    model = fresh_model(backbone, 2, copy_backbone=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     result = finetune(
@@ -354,10 +350,7 @@ def main() -> int:
             print(f"  {time.perf_counter() - section_start:.1f} s", flush=True)
     result["total_seconds"] = round(time.perf_counter() - start, 1)
     print_table(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        print(f"wrote {args.json}")
+    write_result(result, args.json)
     return 1 if result["errors"] else 0
 
 

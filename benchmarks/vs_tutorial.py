@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -36,6 +35,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch
+from report import machine, write_result
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
@@ -296,21 +296,12 @@ def main() -> int:
         "flow_body_speedup": round(flow_speedup, 2),
         "target": {"speedup_at_least": 8, "val_accuracy_at_least": "tutorial"},
         "meets_target": speedup >= 8 and pipeline["val_accuracy"] >= tutorial["val_accuracy"],
-        "machine": {
-            "cpus": os.cpu_count(),
-            "cuda": torch.cuda.is_available(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine(
+            load_average_before=[round(x, 2) for x in load_before],
+            load_average_after=[round(x, 2) for x in os.getloadavg()],
+        ),
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_result(result, args.json)
     return 0
 
 

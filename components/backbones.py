@@ -212,10 +212,11 @@ def load_backbone(name: str, weights: Path | None = None) -> Backbone:
     return BACKBONES[name](weights)
 
 
-def fresh_model(backbone: Backbone, num_classes: int, pretrained: bool) -> nn.Module:
-    """The full network with a new head for ``num_classes``, pre-trained or randomly initialised."""
+def fresh_model(backbone: Backbone, num_classes: int, copy_backbone: bool) -> nn.Module:
+    """The full network with a new head for ``num_classes``: its other layers copied from the
+    already loaded ``backbone`` (nothing is fetched), or randomly initialised."""
     model = timm.create_model(backbone.architecture, pretrained=False, num_classes=num_classes)
-    if pretrained:
+    if copy_backbone:
         state = {
             k: v for k, v in backbone.model.state_dict().items() if not k.startswith("classifier.")
         }

@@ -31,7 +31,7 @@ def training_throughput(
     cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     if key in cached:
         return float(cached[key])
-    model = fresh_model(backbone, 10, pretrained=False).to(device).train()
+    model = fresh_model(backbone, 10, copy_backbone=False).to(device).train()
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randn(batch, 3, image_size, image_size, device=device)

@@ -121,46 +121,6 @@ def run_worker(job: DistributedJob) -> FinetuneResult:
         distributed.teardown()
 
 
-def prepare_job(
-    model: nn.Module,
-    train: tuple[Sequence[str], Sequence[int]],
-    val: tuple[Sequence[str], Sequence[int]],
-    prep: Preprocessing,
-    settings: FinetuneSettings,
-    checkpoint: Path,
-    device: torch.device,
-    seed: int,
-    *,
-    backbone: Backbone,
-    spec: ModelSpec,
-) -> Path:
-    """Write ``model``'s weights and the job file next to ``checkpoint``; return the job file."""
-    folder = checkpoint.with_name(f"{checkpoint.stem}-distributed")
-    folder.mkdir(parents=True, exist_ok=True)
-    initial = folder / "initial.pt"
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _write_atomically(initial, lambda tmp: torch.save(state, tmp))
-    (folder / "result.json").unlink(missing_ok=True)  # never read a previous attempt's result
-    job = DistributedJob(
-        backbone=backbone.name,
-        architecture=backbone.architecture,
-        initial_weights=str(initial),
-        spec=asdict(spec),
-        train_paths=list(train[0]),
-        train_labels=[int(y) for y in train[1]],
-        val_paths=list(val[0]),
-        val_labels=[int(y) for y in val[1]],
-        preprocessing=prep.to_dict(),
-        settings=asdict(settings),
-        checkpoint=str(checkpoint),
-        seed=seed,
-        device=device.type,
-        result=str(folder / "result.json"),
-        best_weights=str(folder / "best.pt"),
-    )
-    return job.write(folder / "job.json")
-
-
 def torchrun_command(job_path: Path, processes: int) -> list[str]:
     """The command line that runs ``job_path`` in ``processes`` workers on this machine."""
     return [
@@ -221,11 +181,34 @@ def launch_distributed(
     spec: ModelSpec,
     processes: int,
 ) -> FinetuneResult:
-    """``finetune`` in ``processes`` torchrun workers; the best weights are loaded into ``model``."""
-    job_path = prepare_job(
-        model, train, val, prep, settings, checkpoint, device, seed, backbone=backbone, spec=spec
+    """``finetune`` in ``processes`` torchrun workers; the best weights are loaded into ``model``.
+
+    The job (the starting weights and a job file) is written next to ``checkpoint``.
+    """
+    folder = checkpoint.with_name(f"{checkpoint.stem}-distributed")
+    folder.mkdir(parents=True, exist_ok=True)
+    initial = folder / "initial.pt"
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _write_atomically(initial, lambda tmp: torch.save(state, tmp))
+    (folder / "result.json").unlink(missing_ok=True)  # never read a previous attempt's result
+    job = DistributedJob(
+        backbone=backbone.name,
+        architecture=backbone.architecture,
+        initial_weights=str(initial),
+        spec=asdict(spec),
+        train_paths=list(train[0]),
+        train_labels=[int(y) for y in train[1]],
+        val_paths=list(val[0]),
+        val_labels=[int(y) for y in val[1]],
+        preprocessing=prep.to_dict(),
+        settings=asdict(settings),
+        checkpoint=str(checkpoint),
+        seed=seed,
+        device=device.type,
+        result=str(folder / "result.json"),
+        best_weights=str(folder / "best.pt"),
     )
-    job = DistributedJob.read(job_path)
+    job_path = job.write(folder / "job.json")
     _run(torchrun_command(job_path, processes), job_path, processes)
     if not Path(job.result).is_file():
         raise DistributedFinetuneError(f"distributed fine-tuning job {job_path} wrote no result")

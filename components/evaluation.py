@@ -14,10 +14,12 @@ import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch.utils.data import DataLoader
 
+from components.config import TrainConfig
 from components.features import ImageFiles, choose_device
 from components.finetune import predict_logits
 from components.images import Preprocessing, eval_transform
 from components.models import FrozenTransferModel
+from components.training import SplitData
 
 
 @dataclass(frozen=True)
@@ -40,23 +42,23 @@ class SplitMetrics:
 
 def model_logits(
     model: torch.nn.Module,
-    paths: list[str],
-    features: dict[str, np.ndarray] | None,
+    cut: str | None,
+    split: SplitData,
     prep: Preprocessing,
-    batch_size: int,
-    num_workers: int,
-    device_setting: str,
+    train: TrainConfig,
 ) -> np.ndarray:
-    """Logits for ``paths``: from cached features when the backbone is frozen, else from images."""
+    """Logits for ``split``'s images: from its cached features at ``cut`` when the backbone is
+    frozen, else from the images."""
+    features = split.features.get(cut) if cut else None
     if isinstance(model, FrozenTransferModel) and features is not None:
         with torch.inference_mode():
             return model.head(torch.from_numpy(features).float()).numpy()
     loader = DataLoader(
-        ImageFiles(paths, [0] * len(paths), eval_transform(prep)),
-        batch_size=batch_size,
-        num_workers=num_workers,
+        ImageFiles(split.paths, [0] * len(split.paths), eval_transform(prep)),
+        batch_size=train.batch_size,
+        num_workers=train.num_workers,
     )
-    device = choose_device(device_setting)
+    device = choose_device(train.device)
     logits, _ = predict_logits(model.to(device), loader, device)
     model.to("cpu")
     return logits

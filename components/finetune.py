@@ -161,18 +161,32 @@ def _train_epoch(
     quiet = {} if distributed.is_main() else {"disable": True}
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, **quiet)
     for images, labels in bar:
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = loss_fn(model(images), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = train_step(model, images, labels, opt, loss_fn, device, use_bf16)
         sched.step()
         total += loss.item() * len(labels)
         seen += len(labels)
         bar.set_postfix(loss=f"{total / seen:.3f}")
     return total, seen
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    device: torch.device,
+    use_bf16: bool,
+) -> torch.Tensor:
+    """One optimiser step on one batch, channels-last and (on capable GPUs) in bf16; its loss."""
+    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    labels = labels.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        loss = loss_fn(model(images), labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
 
 
 def _save_atomically(state: dict[str, Any], path: Path) -> None:

@@ -48,7 +48,7 @@ def build_model(spec: ModelSpec, backbone: Backbone) -> nn.Module:
     if spec.cut is not None:
         prefix = copy.deepcopy(backbone.prefix(spec.cut))
         return FrozenTransferModel(prefix, nn.Linear(backbone.channels(spec.cut), spec.num_classes))
-    return fresh_model(backbone, spec.num_classes, pretrained=spec.init == "pretrained")
+    return fresh_model(backbone, spec.num_classes, copy_backbone=spec.init == "pretrained")
 
 
 def save_model(model: nn.Module, spec: ModelSpec, labels: list[str], path: Path) -> Path:

@@ -76,16 +76,7 @@ def evaluate_model(
         if name not in splits:
             continue
         data = splits[name]
-        feats = data.features.get(spec.cut) if spec.cut else None
-        logits = evaluation.model_logits(
-            model,
-            data.paths,
-            feats,
-            prep,
-            cfg.train.batch_size,
-            cfg.train.num_workers,
-            cfg.train.device,
-        )
+        logits = evaluation.model_logits(model, spec.cut, data, prep, cfg.train)
         results[name] = evaluation.split_metrics(name, logits, data.labels, classes)
         evaluation.plot_confusion(results[name], classes, run_dir / f"confusion_{name}.png")
         get_run_logger().info(
