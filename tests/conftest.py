@@ -17,6 +17,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from components.demo_data import materialise_digits
 
 
+@pytest.fixture(autouse=True)
+def _seeded_torch() -> None:
+    """Every test starts from the same torch seed, so random inputs cannot make a result flaky."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """scikit-learn's real digit scans, 40 per class, as ROOT/<class>/*.png."""
