@@ -38,7 +38,7 @@ from components.counting import count_dataset
 from components.dataset import SPLIT_ALIASES, scan_dataset
 from components.features import ImageFiles, choose_device
 from components.finetune import predict_logits, train_step
-from components.images import Preprocessing, eval_transform, train_transform
+from components.images import EvalTransform, Preprocessing, train_transform
 from components.splits import load_splits
 from components.strategy import TransferPlan
 from components.training import SplitData, TrainingJob, choose_image_size, train_case
@@ -126,7 +126,7 @@ def time_validation_pass(
 ) -> dict[str, Any]:
     """One validation pass as the fine-tune runs it after every epoch (loading included)."""
     loader = DataLoader(
-        ImageFiles(val.paths, val.labels.tolist(), eval_transform(prep)),
+        ImageFiles(val.paths, val.labels.tolist(), EvalTransform(prep)),
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
     )

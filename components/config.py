@@ -55,7 +55,8 @@ class SimilarityConfig(_Section):
     """How similarity to the backbone's source domain is measured."""
 
     sample_size: int = Field(128, ge=8)
-    batch_size: int = Field(32, ge=1)
+    # Images per batch of the moments pass; None sizes it to the device (features.extraction_batch).
+    batch_size: int | None = Field(None, ge=1)
     # Scale (in nats of mean symmetric KL) at which the BN-statistics score falls to 1/e.
     kl_scale: float = Field(1.5, gt=0)
     bootstrap_rounds: int = Field(200, ge=0)

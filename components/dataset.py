@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from components.config import DataConfig, ValidationConfig
 from components.errors import DataValidationError
+from components.images import refuse_bombs
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +61,10 @@ def inspect_file(path: Path, max_pixels: int) -> dict[str, object]:
     if not data:
         return {**row, "decodable": False, "error": "zero-byte file"}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                row.update(
-                    format=img.format or "", width=img.width, height=img.height, mode=img.mode
-                )
-                if img.width * img.height > max_pixels:
-                    raise Image.DecompressionBombError(
-                        f"{img.width}x{img.height} exceeds {max_pixels} pixels"
-                    )
-                img.load()
+        with Image.open(path) as img:
+            row.update(format=img.format or "", width=img.width, height=img.height, mode=img.mode)
+            refuse_bombs(img, max_pixels)
+            img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return {**row, "decodable": False, "error": f"decompression bomb: {err}"}
     except UnidentifiedImageError:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from components.config import TrainConfig
 from components.features import ImageFiles, choose_device
 from components.finetune import predict_logits
-from components.images import Preprocessing, eval_transform
+from components.images import EvalTransform, Preprocessing
 from components.models import FrozenTransferModel
 from components.training import SplitData
 
@@ -54,7 +54,7 @@ def model_logits(
         with torch.inference_mode():
             return model.head(torch.from_numpy(features).float()).numpy()
     loader = DataLoader(
-        ImageFiles(split.paths, [0] * len(split.paths), eval_transform(prep)),
+        ImageFiles(split.paths, [0] * len(split.paths), EvalTransform(prep)),
         batch_size=train.batch_size,
         num_workers=train.num_workers,
     )

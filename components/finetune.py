@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from components import distributed
 from components.features import ImageFiles
-from components.images import Preprocessing, eval_transform, train_transform
+from components.images import EvalTransform, Preprocessing, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def finetune(
     model.to(device).to(memory_format=torch.channels_last)
     augment = train_transform(prep, flip=settings.flip)
     train_loader = _loader(ImageFiles(*train, augment), settings, True, device, seed)
-    val_shard = ImageFiles(*map(distributed.shard, val), eval_transform(prep))
+    val_shard = ImageFiles(*map(distributed.shard, val), EvalTransform(prep))
     val_loader = _loader(val_shard, settings, False, device, seed)
     opt = torch.optim.AdamW(_param_groups(model, settings), weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(len(train_loader), settings.epochs))

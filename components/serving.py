@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from components.export import INPUT_NAME, OUTPUT_NAME, onnx_session
-from components.images import Preprocessing, eval_transform, open_image, to_rgb
+from components.images import Preprocessing, eval_pixels, normalise, open_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ class OnnxClassifier:
         self.labels = list(labels)
         self.preprocessing = preprocessing
         self.max_pixels = max_pixels
-        self._transform = eval_transform(preprocessing)
         self._session = onnx_session(Path(onnx_path))
         classes = self._session.get_outputs()[0].shape[-1]
         if isinstance(classes, int) and classes != len(self.labels):
@@ -75,7 +74,8 @@ class OnnxClassifier:
         """
         if not images:
             return []
-        batch = np.stack([self._transform(self._load(img)).numpy() for img in images])
+        prep = self.preprocessing
+        batch = normalise(np.stack([eval_pixels(self._load(img), prep) for img in images]), prep)
         logits = self._session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0].astype(np.float64)
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)

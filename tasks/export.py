@@ -12,7 +12,7 @@ from components import export
 from components.backbones import load_backbone
 from components.config import PipelineConfig
 from components.dataset import read_manifest
-from components.images import Preprocessing, eval_transform, open_image
+from components.images import Preprocessing, decode_batch
 from components.models import load_model
 
 
@@ -22,8 +22,7 @@ def held_out_batch(usable_manifest: Path, prep: Preprocessing, size: int) -> tor
     rows = manifest[manifest["split"] == "test"]
     if rows.empty:
         rows = manifest[manifest["split"] == "val"]
-    transform = eval_transform(prep)
-    return torch.stack([transform(open_image(p)) for p in rows["path"].head(size)])
+    return torch.from_numpy(decode_batch(rows["path"].head(size).tolist(), prep))
 
 
 @task(name="export-onnx", cache_policy=NO_CACHE)

@@ -28,7 +28,6 @@ def embed_dataset(
         manifest["sha256"].tolist(),
         prep,
         cache_dir,
-        batch_size=cfg.train.batch_size * 2,
         num_workers=cfg.train.num_workers,
         device=choose_device(cfg.train.device),
         engine=cfg.train.feature_engine,

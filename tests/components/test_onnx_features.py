@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import UnidentifiedImageError
 
 from components import onnx_features
 from components.backbones import load_backbone
@@ -111,3 +112,36 @@ def test_engine_choice_and_session_placement(lite0, by_engine) -> None:
     session = feature_session(by_engine["onnxruntime"] / cache_key(lite0, PREP) / FILE_NAME, CPU)
     assert session.get_providers() == ["CPUExecutionProvider"]
     assert session.get_session_options().intra_op_num_threads == onnx_features.available_cpus()
+
+
+@pytest.mark.parametrize(
+    ("n_images", "batch", "cpus", "plan"),
+    [
+        (400, 32, 2, (2, 1)),  # this machine: one single-threaded stream per CPU
+        (10, 32, 16, (1, 16)),  # one batch: all CPUs to its ONNX Runtime threads
+        (70, 32, 16, (3, 5)),  # three batches share sixteen CPUs
+        (10_000, 32, 16, (16, 1)),
+        (0, 32, 2, (1, 2)),
+    ],
+)
+def test_stream_plan_uses_every_cpu_without_idle_streams(
+    n_images: int, batch: int, cpus: int, plan: tuple[int, int]
+) -> None:
+    assert onnx_features.stream_plan(n_images, batch, cpus) == plan
+
+
+def test_streams_return_rows_in_input_order(lite0, images, by_engine, tmp_path: Path) -> None:
+    paths, _ = images
+    session = feature_session(by_engine["onnxruntime"] / cache_key(lite0, PREP) / FILE_NAME, CPU)
+    one_batch = onnx_features.run_streams(session, paths, PREP, len(paths), 1, np.float32)
+    streamed = onnx_features.run_streams(session, paths, PREP, 3, 3, np.float32)
+    assert (
+        streamed.shape
+        == one_batch.shape
+        == (len(paths), sum(map(lite0.channels, lite0.cut_points)))
+    )
+    np.testing.assert_allclose(streamed, one_batch, rtol=1e-4, atol=1e-4)
+    assert np.abs(np.diff(one_batch, axis=0)).max() > 0.1  # rows differ, so order is tested
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(UnidentifiedImageError, match=r"notes\.png"):
+        onnx_features.run_streams(session, [*paths, str(tmp_path / "notes.png")], PREP, 3, 2)

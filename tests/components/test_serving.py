@@ -128,6 +128,15 @@ def test_bad_requests_get_json_errors(
     assert fragment in got["error"]
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_an_image_over_the_pixel_limit_is_refused_with_413(
+    server: ThreadingHTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # _png() has 1,920: Pillow only warns
+    status, body = _call(server, "POST", "/predict", _png())
+    assert status == 413 and "1920 pixels exceeds the limit of 1000" in body["error"]
+
+
 def test_server_keeps_serving_after_errors(server: ThreadingHTTPServer) -> None:
     assert _call(server, "POST", "/predict", b"\x89PNG broken")[0] == 400
     assert _call(server, "POST", "/predict", _png())[0] == 200
