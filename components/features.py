@@ -18,12 +18,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from components.backbones import Backbone
+from components.config import TrainConfig
 from components.images import EvalTransform, Preprocessing, open_image
 
 log = logging.getLogger(__name__)
@@ -169,6 +171,26 @@ def _run_torch(
         chunks.append(torch.cat(feats, dim=1).float().cpu().numpy())
     backbone.model.to("cpu", memory_format=torch.contiguous_format)  # as the caller lent it
     return np.concatenate(chunks).astype(np.float16)
+
+
+def manifest_features(
+    rows: pd.DataFrame,
+    backbone: Backbone,
+    prep: Preprocessing,
+    cache_root: Path,
+    train: TrainConfig,
+) -> dict[str, np.ndarray]:
+    """``extract_features`` for manifest rows, on the device, engine and workers ``train`` sets."""
+    return extract_features(
+        backbone,
+        rows["path"].tolist(),
+        rows["sha256"].tolist(),
+        prep,
+        cache_root,
+        num_workers=train.num_workers,
+        device=choose_device(train.device),
+        engine=train.feature_engine,
+    )
 
 
 def extract_features(

@@ -84,18 +84,6 @@ def cached_graph(wrapper: nn.Module, image_size: int, path: Path, output_name: s
     return path
 
 
-def trusted_session(
-    export: Callable[[], Path], device: torch.device, fallback: str, threads: int | None = None
-) -> onnxruntime.InferenceSession | None:
-    """A session on the graph ``export`` returns, or None with a warning saying ``fallback`` when
-    the graph cannot be exported or trusted; the caller then computes the same rows in PyTorch."""
-    try:
-        return feature_session(export(), device, threads)
-    except (PipelineError, torch.onnx.OnnxExporterError) as err:
-        log.warning("%s: %s", fallback, err)
-        return None
-
-
 def stream_plan(n_images: int, batch_size: int, cpus: int) -> tuple[int, int]:
     """How many batches run at once, and how many ONNX Runtime threads each gets.
 
@@ -150,8 +138,10 @@ def onnx_rows(
     """Every image's row from the graph ``export`` returns, in streams sized to the machine; None
     (after a warning saying ``fallback``) when the graph cannot be trusted."""
     streams, threads = stream_plan(len(paths), batch_size, available_cpus())
-    session = trusted_session(export, device, fallback, threads)
-    if session is None:
+    try:
+        session = feature_session(export(), device, threads)
+    except (PipelineError, torch.onnx.OnnxExporterError) as err:
+        log.warning("%s: %s", fallback, err)  # the caller computes the same rows in PyTorch
         return None
     return run_streams(session, paths, prep, batch_size, streams, dtype)
 

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from components.backbones import load_backbone
 from components.config import PipelineConfig
 from components.dataset import read_manifest
-from components.features import choose_device, extract_features
+from components.features import manifest_features
 from components.images import Preprocessing
 from tasks.policy import transient_only
 
@@ -22,15 +22,6 @@ def embed_dataset(
     """Fill the feature cache for every usable image; later stages read it instead of the network."""
     manifest = read_manifest(usable_manifest)
     backbone = load_backbone(cfg.backbone, cfg.backbone_weights)
-    extract_features(
-        backbone,
-        manifest["path"].tolist(),
-        manifest["sha256"].tolist(),
-        prep,
-        cache_dir,
-        num_workers=cfg.train.num_workers,
-        device=choose_device(cfg.train.device),
-        engine=cfg.train.feature_engine,
-    )
+    manifest_features(manifest, backbone, prep, cache_dir, cfg.train)
     get_run_logger().info("features ready for %d images at %d px", len(manifest), prep.image_size)
     return len(manifest)

@@ -11,7 +11,7 @@ from components.backbones import load_backbone
 from components.config import PipelineConfig
 from components.dataset import read_manifest
 from components.domain_profile import PROFILE_CUT, build_profile, save_profile
-from components.features import extract_features
+from components.features import manifest_features
 from components.images import Preprocessing
 from components.similarity import SimilarityReport
 
@@ -29,14 +29,7 @@ def save_domain_profile(
     manifest = read_manifest(usable_manifest)
     train = manifest[manifest["split"] == "train"]
     backbone = load_backbone(cfg.backbone, cfg.backbone_weights)
-    features = extract_features(
-        backbone,
-        train["path"].tolist(),
-        train["sha256"].tolist(),
-        prep,
-        cache_dir,
-        num_workers=cfg.train.num_workers,
-    )
+    features = manifest_features(train, backbone, prep, cache_dir, cfg.train)
     profile = build_profile(
         features[PROFILE_CUT],
         train["label"].tolist(),
