@@ -31,15 +31,16 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from prefect import flow
 
-from components import evaluation, strategy
-from components.backbones import load_backbone
-from components.config import load_config
-from components.dataset import read_manifest
-from components.models import load_model
-from components.splits import load_splits
-from components.training import TrainingJob, train_case
+from components.common.config import load_config
+from components.data.scan import read_manifest
+from components.data.splits import load_splits
+from components.decision import strategy
+from components.engine.backbones import load_backbone
+from components.training import evaluation
+from components.training.cases import TrainingJob, train_case
+from components.training.models import load_model
 from flows.transfer import Decision, StageClock, decide
-from tasks.verification import verify_case
+from tasks.decision.verification import verify_case
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

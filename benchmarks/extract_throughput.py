@@ -33,13 +33,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would garble the tab
 
 import numpy as np
 import torch
-from report import machine, write_result
-
-from components.backbones import Backbone, load_backbone
-from components.config import DataConfig
-from components.features import NUM_WORKERS, cache_key, extract_features, extraction_batch
-from components.images import Preprocessing, decode_batch
-from components.onnx_features import (
+from components.engine.features import NUM_WORKERS, cache_key, extract_features, extraction_batch
+from components.engine.onnx_features import (
     INPUT_NAME,
     OUTPUT_NAME,
     PooledFeatureStack,
@@ -47,6 +42,11 @@ from components.onnx_features import (
     extractor_onnx,
     feature_session,
 )
+from report import machine, write_result
+
+from components.common.config import DataConfig
+from components.engine.backbones import Backbone, load_backbone
+from components.engine.images import Preprocessing, decode_batch
 
 CPU = torch.device("cpu")
 

@@ -28,20 +28,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from components.engine.features import ImageFiles, choose_device
 from report import machine, write_result
 from torch import nn
 from torch.utils.data import DataLoader
 
-from components.backbones import Backbone, fresh_model, load_backbone
-from components.config import DataConfig, TrainConfig, ValidationConfig
-from components.counting import count_dataset
-from components.dataset import SPLIT_ALIASES, scan_dataset
-from components.features import ImageFiles, choose_device
-from components.finetune import predict_logits, train_step
-from components.images import EvalTransform, Preprocessing, train_transform
-from components.splits import load_splits
-from components.strategy import TransferPlan
-from components.training import SplitData, TrainingJob, choose_image_size, train_case
+from components.common.config import DataConfig, TrainConfig, ValidationConfig
+from components.common.plan import TransferPlan
+from components.data.counting import count_dataset
+from components.data.scan import SPLIT_ALIASES, scan_dataset
+from components.data.splits import SplitData, load_splits
+from components.engine.backbones import Backbone, fresh_model, load_backbone
+from components.engine.images import EvalTransform, Preprocessing, train_transform
+from components.training.cases import TrainingJob, choose_image_size, train_case
+from components.training.finetune import predict_logits, train_step
 
 
 def make_subset(source: Path, per_class: int, dest: Path, seed: int) -> Path:

@@ -23,7 +23,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from report import machine, write_result
 
-from components.config import load_config
+from components.common.config import load_config
 from flows.transfer import transfer_flow
 
 

@@ -34,11 +34,11 @@ from PIL import Image
 from report import write_result
 from torch import nn
 
-from components.backbones import Backbone, fresh_model, load_backbone
-from components.config import ExportConfig
-from components.export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_session
-from components.finetune import FinetuneSettings, finetune, train_step
-from components.images import Preprocessing
+from components.common.config import ExportConfig
+from components.deploy.export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_session
+from components.engine.backbones import Backbone, fresh_model, load_backbone
+from components.engine.images import Preprocessing
+from components.training.finetune import FinetuneSettings, finetune, train_step
 
 
 def throughput(
@@ -263,7 +263,7 @@ def run_finetune(
         "seconds": round(result.seconds, 2),
         "val_accuracy": result.val_accuracy,
         "history": list(result.history),
-        # What finetune() turns on for this device (see components/finetune.py).
+        # What finetune() turns on for this device (see components/training/finetune.py).
         "bf16_autocast": device.type == "cuda" and torch.cuda.is_bf16_supported(),
         "pin_memory": device.type == "cuda",
         "channels_last": True,

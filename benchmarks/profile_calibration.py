@@ -18,13 +18,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+from components.engine.features import extract_features
 
-from components.backbones import load_backbone
-from components.config import DataConfig, SimilarityConfig, ValidationConfig
-from components.dataset import scan_dataset
-from components.domain_profile import PROFILE_CUT, build_profile, compare_to_profile
-from components.features import extract_features
-from components.images import Preprocessing
+from components.common.config import DataConfig, SimilarityConfig, ValidationConfig
+from components.data.scan import scan_dataset
+from components.engine.backbones import load_backbone
+from components.engine.images import Preprocessing
+from components.similarity.domain_profile import PROFILE_CUT, build_profile, compare_to_profile
 
 
 def _embed(folder: Path, size: int, cache: Path, limit: int, seed: int) -> tuple[np.ndarray, list]:

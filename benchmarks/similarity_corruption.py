@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scipy.stats import spearmanr
 
-from components.backbones import load_backbone
-from components.config import DataConfig, SimilarityConfig, ValidationConfig
-from components.corruptions import CORRUPTIONS, SEVERITIES, write_corrupted
-from components.dataset import scan_dataset
-from components.similarity import sample_rows, score_similarity
+from components.common.config import DataConfig, SimilarityConfig, ValidationConfig
+from components.data.scan import scan_dataset
+from components.engine.backbones import load_backbone
+from components.similarity.corruptions import CORRUPTIONS, SEVERITIES, write_corrupted
+from components.similarity.scores import sample_rows, score_similarity
 
 
 def main() -> None:

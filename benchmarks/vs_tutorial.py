@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from components.backbones import load_backbone
+from components.engine.backbones import load_backbone
 
 REPO = Path(__file__).resolve().parent.parent
 TUTORIAL_WORKERS = 4  # the tutorial's num_workers

@@ -19,8 +19,8 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from components.config import PipelineConfig, load_config
-from components.errors import PipelineError
+from components.common.config import PipelineConfig, load_config
+from components.common.errors import PipelineError
 
 
 def _parse_value(text: str) -> Any:
@@ -125,7 +125,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from components.demo_data import materialise_digits
+    from components.data.demo_data import materialise_digits
 
     cfg = _config(args)
     data = materialise_digits(cfg.output_dir / "demo-data" / "digits")
@@ -146,8 +146,8 @@ def _cmd_serve_schedule(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve_model(args: argparse.Namespace) -> int:
-    from components import serving, tracking
-    from components.images import Preprocessing
+    from components.deploy import serving, tracking
+    from components.engine.images import Preprocessing
 
     cfg = _config(args)
     uri = tracking.resolve_tracking_uri(cfg.tracking, cfg.output_dir)

@@ -13,25 +13,25 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from components.backbones import load_backbone
-from components.config import PipelineConfig
-from components.counting import DatasetCounts
-from components.images import Preprocessing
-from components.similarity import SimilarityReport
-from components.strategy import TransferPlan
-from components.training import choose_image_size
-from components.validation import ValidationReport
-from tasks.context import RunContext, dataset_name, make_context
-from tasks.dataset import count_dataset, scan_dataset
-from tasks.export import export_model
-from tasks.features import embed_dataset
-from tasks.profile import save_domain_profile
-from tasks.similarity import score_similarity
-from tasks.strategy import select_case
-from tasks.tracking import log_and_register
-from tasks.training import evaluate_model, train_model
-from tasks.validation import validate_dataset
-from tasks.verification import plan_verification, verify_case
+from components.common.config import PipelineConfig
+from components.common.plan import TransferPlan
+from components.data.counting import DatasetCounts
+from components.data.validation import ValidationReport
+from components.engine.extraction import ExtractionEngine
+from components.engine.images import Preprocessing
+from components.similarity.scores import SimilarityReport
+from components.training.cases import choose_image_size
+from tasks.common.context import RunContext, dataset_name, make_context
+from tasks.data.scan import count_dataset, scan_dataset
+from tasks.data.validation import validate_dataset
+from tasks.decision.strategy import select_case
+from tasks.decision.verification import plan_verification, verify_case
+from tasks.deploy.export import export_model
+from tasks.deploy.tracking import log_and_register
+from tasks.engine.embed import embed_dataset, open_engine
+from tasks.similarity.profile import save_domain_profile
+from tasks.similarity.scores import score_similarity
+from tasks.training.cases import evaluate_model, train_model
 
 
 @dataclass
@@ -52,6 +52,7 @@ class StageClock:
 @dataclass(frozen=True)
 class Decision:
     ctx: RunContext
+    engine: ExtractionEngine  # the run's one backbone, its caches and sessions
     validation: ValidationReport
     counts: DatasetCounts
     prep: Preprocessing
@@ -68,9 +69,10 @@ def _run_name() -> str:
     return dataset_name(Path(params["data"]), cfg)
 
 
-def input_preprocessing(counts: DatasetCounts, cfg: PipelineConfig) -> tuple[Preprocessing, str]:
+def input_preprocessing(
+    counts: DatasetCounts, native: Preprocessing, cfg: PipelineConfig
+) -> tuple[Preprocessing, str]:
     """The backbone's own preprocessing at the resolution chosen for this data."""
-    native = load_backbone(cfg.backbone, cfg.backbone_weights).preprocessing
     size, reason = choose_image_size(
         cfg.train.image_size, counts.median_short_side, native.image_size
     )
@@ -82,30 +84,23 @@ def input_preprocessing(counts: DatasetCounts, cfg: PipelineConfig) -> tuple[Pre
 def decide(data: str, cfg: PipelineConfig, clock: StageClock) -> Decision:
     """Validate, count, embed, score similarity and choose the case."""
     ctx = make_context(Path(data), cfg)
+    with clock.stage("load_backbone"):
+        engine = open_engine(cfg, ctx.cache_dir)
     with clock.stage("scan"):
         manifest = scan_dataset(ctx, cfg.data, cfg.validation, cfg.seed)
     with clock.stage("validate"):
         validation = validate_dataset(manifest, cfg.validation, ctx.run_dir)
     with clock.stage("count"):
         counts = count_dataset(validation.usable_manifest_path)
-    prep, reason = input_preprocessing(counts, cfg)
+    prep, reason = input_preprocessing(counts, engine.native, cfg)
+    usable = validation.usable_manifest_path
     with clock.stage("embed"):
-        embed_dataset(validation.usable_manifest_path, prep, cfg, ctx.cache_dir)
+        embed_dataset(usable, prep, engine, cfg)
     with clock.stage("similarity"):
-        similarity = score_similarity(
-            validation.usable_manifest_path, cfg, ctx.run_dir, ctx.cache_dir
-        )
+        similarity = score_similarity(usable, engine, cfg, ctx.run_dir)
     with clock.stage("select_case"):
-        plan = select_case(
-            validation.usable_manifest_path,
-            counts,
-            similarity,
-            prep,
-            cfg,
-            ctx.cache_dir,
-            ctx.run_dir,
-        )
-    return Decision(ctx, validation, counts, prep, reason, similarity, plan)
+        plan = select_case(usable, counts, similarity, prep, engine, cfg, ctx.run_dir)
+    return Decision(ctx, engine, validation, counts, prep, reason, similarity, plan)
 
 
 def _decision_summary(d: Decision) -> dict[str, Any]:
@@ -150,7 +145,7 @@ def plan_flow(data: str, config: PipelineConfig | None = None) -> dict[str, Any]
     clock = StageClock()
     start = time.perf_counter()
     d = decide(data, cfg, clock)
-    preview = plan_verification(d.plan, d.counts, d.prep, cfg, d.ctx.cache_dir)
+    preview = plan_verification(d.plan, d.counts, d.prep, d.engine, cfg)
     d = replace(d, plan=replace(d.plan, verification=preview.to_dict()))
     summary = _decision_summary(d)
     return {
@@ -174,8 +169,8 @@ def transfer_flow(data: str, config: PipelineConfig | None = None) -> dict[str, 
             d.similarity,
             d.plan,
             d.prep,
+            d.engine,
             cfg,
-            d.ctx.cache_dir,
             d.ctx.run_dir,
         )
     d = replace(d, plan=plan)
@@ -185,13 +180,14 @@ def transfer_flow(data: str, config: PipelineConfig | None = None) -> dict[str, 
         d.ctx.run_dir,
     )
     with clock.stage("train"):
-        trained = train_model(manifest, classes, d.plan, d.prep, cfg, d.ctx.cache_dir, run_dir)
+        trained = train_model(manifest, classes, d.plan, d.prep, d.engine, cfg, run_dir)
     with clock.stage("profile"):
-        save_domain_profile(manifest, d.similarity, d.prep, cfg, d.ctx.cache_dir, run_dir)
+        save_domain_profile(manifest, d.similarity, d.prep, d.engine, cfg, run_dir)
     with clock.stage("evaluate"):
-        metrics = evaluate_model(manifest, trained, d.prep, cfg, d.ctx.cache_dir, run_dir)
+        metrics = evaluate_model(manifest, trained, d.prep, d.engine, cfg, run_dir)
     with clock.stage("export"):
-        exported = export_model(manifest, trained.model_path, d.prep, cfg, run_dir)
+        backbone = d.engine.backbone
+        exported = export_model(manifest, trained.model_path, d.prep, backbone, cfg, run_dir)
     with clock.stage("log_and_register"):
         run_id, registered, uri = log_and_register(
             d.ctx,

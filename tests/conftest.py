@@ -14,7 +14,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from components.demo_data import materialise_digits
+from components.data.demo_data import materialise_digits
 
 
 @pytest.fixture(autouse=True)

@@ -10,9 +10,9 @@ import onnxruntime as ort
 import pytest
 from mlflow import MlflowClient
 
-from components.config import build_config
-from components.images import Preprocessing, preprocess_file
-from components.tracking import load_registered
+from components.common.config import build_config
+from components.deploy.tracking import load_registered
+from components.engine.images import Preprocessing, preprocess_file
 from flows.cli import main
 from flows.transfer import plan_flow, transfer_flow
 

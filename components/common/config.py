@@ -1,0 +1,189 @@
+"""The one typed configuration object, passed down section by section.
+
+Every section refuses unknown keys, so a typo in ``pipeline.yaml`` fails loudly instead of being
+silently ignored. Defaults live on the fields; ``docs/decisions.md`` explains the non-obvious ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from components.common.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Section):
+    """Which files count as images and how to split a folder that has no splits."""
+
+    extensions: tuple[str, ...] = (
+        ".jpg",
+        ".jpeg",
+        ".png",
+        ".bmp",
+        ".gif",
+        ".webp",
+        ".tif",
+        ".tiff",
+    )
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, ge=0, lt=0.5)
+    # Name used for the Prefect run, the MLflow experiment and the registered model.
+    name: str | None = None
+
+
+class ValidationConfig(_Section):
+    """What makes a file usable and a dataset trainable."""
+
+    min_width: int = Field(16, ge=1)
+    min_height: int = Field(16, ge=1)
+    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "MPO")
+    min_images_per_class: int = Field(5, ge=1)
+    # Above this share of rejected files the dataset is considered broken, not just dirty.
+    max_bad_fraction: float = Field(0.2, ge=0, le=1)
+    # Pillow's decompression-bomb guard stays on; this is the pixel count it trips at.
+    max_image_pixels: int = Field(89_478_485, ge=1)
+
+
+class SimilarityConfig(_Section):
+    """How similarity to the backbone's source domain is measured."""
+
+    sample_size: int = Field(128, ge=8)
+    # Images per batch of the moments pass; None sizes it to the device (features.extraction_batch).
+    batch_size: int | None = Field(None, ge=1)
+    # Scale (in nats of mean symmetric KL) at which the BN-statistics score falls to 1/e.
+    kl_scale: float = Field(1.5, gt=0)
+    bootstrap_rounds: int = Field(200, ge=0)
+    # A stored domain profile (the profile/ folder saved with every trained model) to compare the
+    # images with; a base model trained by this pipeline brings its own when this is unset.
+    profile: Path | None = None
+    # Scale of the profile's MMD² at which its score falls to 1/e, and its weight in the
+    # combined score (a weighted geometric mean with the BatchNorm score).
+    mmd_scale: float = Field(0.05, gt=0)
+    profile_weight: float = Field(0.5, ge=0, le=1)
+
+
+class StrategyConfig(_Section):
+    """The size x similarity judgement and its thresholds."""
+
+    case: Literal["auto", 1, 2, 3, 4] = "auto"
+    # "Large" means enough images per class to move every weight without overfitting.
+    large_images_per_class: int = Field(1000, ge=1)
+    similar_threshold: float = Field(0.5, ge=0, le=1)
+    # Case 2: cut after this block index (0-based) of the backbone; None = measured by probing.
+    cut_block: int | None = None
+    # Budgeted verification: also train the runner-up case on a nested split of the training
+    # data and keep the better. "auto" runs it when the evidence is close (images per class within
+    # verify_size_factor of large_images_per_class, or an uncertain similarity call) and its
+    # estimated cost fits verify_budget_s.
+    verify: Literal["off", "on", "auto"] = "auto"
+    verify_size_factor: float = Field(4.0, ge=1)
+    verify_budget_s: float = Field(120.0, ge=0)
+    verify_fraction: float = Field(0.2, gt=0, lt=0.5)  # share of training images held out
+    # The runner-up replaces the rule's case only if it wins on the nested split by more than this
+    # many standard errors of the accuracy difference (noise on a small held-out set is no win).
+    verify_margin_se: float = Field(1.0, ge=0)
+
+
+class TrainConfig(_Section):
+    """How the chosen case is trained."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    image_size: int | Literal["auto"] = "auto"
+    batch_size: int = Field(32, ge=1)
+    head_epochs: int = Field(100, ge=1)
+    head_lr: float = Field(1e-2, gt=0)
+    finetune_epochs: int = Field(8, ge=1)
+    finetune_lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    num_workers: int = Field(2, ge=0)
+    # Frozen-feature pass: auto = ONNX Runtime on CPU (about 2x faster), PyTorch bf16 on CUDA.
+    feature_engine: Literal["auto", "onnxruntime", "torch"] = "auto"
+    # Case 4 falls back to random initialisation when pre-trained fine-tuning scores below this.
+    success_accuracy: float = Field(0.8, ge=0, le=1)
+    # Fine-tuning processes; auto = one per CUDA GPU when there are several, else 1.
+    processes: int | Literal["auto"] = "auto"
+
+
+class ExportConfig(_Section):
+    """ONNX export and its parity check against PyTorch."""
+
+    # 18 is the lowest opset the torch.export-based exporter writes without a lossy conversion.
+    opset: int = Field(18, ge=18)
+    atol: float = Field(1e-3, gt=0)
+    parity_batch: int = Field(16, ge=1)
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking and registry (SQLite under the output folder unless overridden)."""
+
+    tracking_uri: str | None = None
+    experiment: str = "transfer-pipeline"
+    registered_model: str | None = None
+    alias: str = "candidate"
+
+
+class PipelineConfig(_Section):
+    """The root object: one section per stage, plus what they share."""
+
+    backbone: str = "efficientnet_lite0"
+    # A local weights file for backbones that do not ship their own (never fetched from a hub).
+    backbone_weights: Path | None = None
+    seed: int = 0
+    output_dir: Path = Path("transfer-runs")
+    data: DataConfig = DataConfig()
+    validation: ValidationConfig = ValidationConfig()
+    similarity: SimilarityConfig = SimilarityConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def build_config(values: dict[str, Any] | None = None) -> PipelineConfig:
+    """Validate a plain mapping into a ``PipelineConfig``, naming any bad key in the error."""
+    try:
+        return PipelineConfig.model_validate(values or {})
+    except ValidationError as err:
+        raise ConfigError(f"invalid configuration: {_describe(err)}") from None
+
+
+def load_config(
+    path: Path | None = None, overrides: dict[str, Any] | None = None
+) -> PipelineConfig:
+    """Read ``pipeline.yaml`` (if given) and apply dotted-key overrides such as ``train.device``."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        values = loaded
+    for dotted, value in (overrides or {}).items():
+        node = values
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return build_config(values)
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    """The resolved configuration as YAML, for logging with every run."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,71 @@
+"""What a fine-tune will cost here, measured on this machine rather than guessed.
+
+Budgeted decisions (whether to verify the runner-up case) need seconds, not FLOPs: the same network
+trains at 220 images/s at 64 px and 7.6 images/s at 224 px on a 2-core CPU, and a GPU is another
+world. A few training steps on random tensors give the rate; it is cached per backbone, resolution,
+device and thread count, so only the first run on a machine pays for the measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from components.engine.backbones import Backbone, fresh_model
+
+log = logging.getLogger(__name__)
+
+# A frozen case fits a linear head on cached features: seconds, whatever the data size.
+FROZEN_CASE_SECONDS = 5.0
+
+
+def training_throughput(
+    backbone: Backbone, image_size: int, device: torch.device, cache_file: Path, batch: int = 8
+) -> float:
+    """Training images per second for the whole network at ``image_size`` (cached)."""
+    key = f"{backbone.name}|{image_size}|{device.type}|{torch.get_num_threads()}|{batch}"
+    cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    if key in cached:
+        return float(cached[key])
+    model = fresh_model(backbone, 10, copy_backbone=False).to(device).train()
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+    timed = 2
+    for step in range(1 + timed):  # the first step warms up allocators and kernels
+        if step == 1:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    rate = batch * timed / (time.perf_counter() - start)
+    cached[key] = rate
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.write_text(json.dumps(cached, indent=1))
+    log.info("training throughput at %d px on %s: %.1f images/s", image_size, device, rate)
+    return rate
+
+
+def finetune_seconds(n_train: int, n_val: int, epochs: int, images_per_second: float) -> float:
+    """Estimated wall time of a fine-tune: training passes plus evaluation (about 3x cheaper)."""
+    return epochs * (n_train + n_val / 3) / images_per_second
+
+
+def case_seconds(
+    case: int, n_train: int, n_val: int, epochs: int, images_per_second: float
+) -> float:
+    """Estimated cost of training ``case`` (case 4 counted without its random-init fallback)."""
+    if case in (1, 2):
+        return FROZEN_CASE_SECONDS
+    return finetune_seconds(n_train, n_val, epochs, images_per_second)

@@ -1,0 +1,3 @@
+"""Getting a trained model out: ONNX export checked against PyTorch, MLflow tracking and the
+registry, and the HTTP model server.
+"""

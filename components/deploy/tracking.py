@@ -1,0 +1,296 @@
+"""MLflow tracking and registry through explicit clients, addressable by run id from any process.
+
+Nothing here uses MLflow's fluent active run or global tracking URI: ``mlflow.set_tracking_uri``
+also writes ``MLFLOW_TRACKING_URI`` into ``os.environ``, and Prefect tasks may run in other threads
+or processes. Every call takes the ``tracking_uri`` (from ``resolve_tracking_uri``) and a run id;
+``start_run`` leaves the run RUNNING in the store until ``finish_run`` closes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow.artifacts
+import mlflow.onnx
+import onnx
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.types import Schema, TensorSpec
+from mlflow.utils.uri import is_databricks_uri
+
+from components.common.config import TrackingConfig
+
+logger = logging.getLogger(__name__)
+
+LABELS_FILE = "labels.json"
+PREPROCESSING_FILE = "preprocessing.json"
+# Registry tag values are stored in a 5000-character column.
+_MAX_TAG_CHARS = 5000
+_MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))/?")
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """One registered model version and the alias now pointing at it."""
+
+    name: str
+    version: int
+    model_uri: str
+    alias: str
+
+
+def resolve_tracking_uri(cfg: TrackingConfig, output_dir: Path) -> str:
+    """The configured URI, else ``MLFLOW_TRACKING_URI``, else a SQLite store under ``output_dir``."""
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    if env_uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return env_uri
+    db = (Path(output_dir) / "mlruns" / "mlflow.db").resolve()
+    return f"sqlite:///{db}"
+
+
+def _artifact_location(tracking_uri: str) -> str | None:
+    # A SQLite store keeps artifacts beside its database; MLflow's own default is ./mlruns under
+    # whatever the current directory happens to be. Servers choose their own location.
+    db = _sqlite_file(tracking_uri)
+    return None if db is None else (db.parent / "artifacts").as_uri()
+
+
+def _sqlite_file(tracking_uri: str) -> Path | None:
+    # sqlite:////abs/path.db or sqlite:///relative.db; urlparse would keep a '//' on the former.
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    return Path(tracking_uri[len(prefix) :].split("?", 1)[0]).resolve()
+
+
+def _client(tracking_uri: str) -> MlflowClient:
+    # The registry lives in the tracking store unless that is Databricks (never used here).
+    registry = None if is_databricks_uri(tracking_uri) else tracking_uri
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry)
+
+
+def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    if (exp := client.get_experiment_by_name(name)) is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri))
+    except MlflowException:
+        # Another process created it first.
+        if (exp := client.get_experiment_by_name(name)) is not None:
+            return exp.experiment_id
+        raise
+
+
+def start_run(cfg: TrackingConfig, output_dir: Path, run_name: str, tags: dict[str, str]) -> str:
+    """Create (if needed) the experiment and a RUNNING run in it; returns the run id."""
+    tracking_uri = resolve_tracking_uri(cfg, output_dir)
+    if (db := _sqlite_file(tracking_uri)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    client = _client(tracking_uri)
+    experiment_id = _experiment_id(client, cfg.experiment, tracking_uri)
+    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    logger.info(
+        "MLflow run %s (%s) in %s at %s", run.info.run_id, run_name, cfg.experiment, tracking_uri
+    )
+    return run.info.run_id
+
+
+def finish_run(run_id: str, status: str = "FINISHED", *, tracking_uri: str) -> None:
+    """Close the run as FINISHED, FAILED or KILLED."""
+    if status not in ("FINISHED", "FAILED", "KILLED"):
+        raise ValueError(f"run status must be FINISHED, FAILED or KILLED, got {status!r}")
+    _client(tracking_uri).set_terminated(run_id, status=status)
+
+
+def log_params(run_id: str, params: dict[str, Any], *, tracking_uri: str) -> None:
+    """Log parameters (stringified; MLflow refuses changing an already logged value)."""
+    batch = [Param(str(k), str(v)) for k, v in params.items()]
+    for start in range(0, len(batch), 100):  # MLflow's per-request limit on params
+        _client(tracking_uri).log_batch(run_id, params=batch[start : start + 100])
+
+
+def log_metrics(
+    run_id: str, metrics: dict[str, float], step: int | None = None, *, tracking_uri: str
+) -> None:
+    """Log numeric metrics at ``step`` (0 when not given)."""
+    now = int(time.time() * 1000)
+    batch = []
+    for key, value in metrics.items():
+        try:
+            batch.append(Metric(str(key), float(value), now, step or 0))
+        except (TypeError, ValueError):
+            raise TypeError(f"metric {key!r} must be a number, got {value!r}") from None
+    for start in range(0, len(batch), 1000):
+        _client(tracking_uri).log_batch(run_id, metrics=batch[start : start + 1000])
+
+
+def log_artifact(
+    run_id: str, path: Path, artifact_path: str | None = None, *, tracking_uri: str
+) -> None:
+    """Upload a file, or a folder's contents, under the run's artifacts."""
+    client = _client(tracking_uri)
+    if Path(path).is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_text(run_id: str, text: str, artifact_file: str, *, tracking_uri: str) -> None:
+    """Store ``text`` as the run artifact ``artifact_file`` (e.g. ``config.yaml``)."""
+    _client(tracking_uri).log_text(run_id, text, artifact_file)
+
+
+def log_dict(run_id: str, values: dict[str, Any], artifact_file: str, *, tracking_uri: str) -> None:
+    """Store a mapping as a JSON or YAML run artifact (chosen by the file's extension)."""
+    _client(tracking_uri).log_dict(run_id, values, artifact_file)
+
+
+def log_figure(run_id: str, fig: Any, artifact_file: str, *, tracking_uri: str) -> None:
+    """Store a matplotlib figure as a run artifact image."""
+    _client(tracking_uri).log_figure(run_id, fig, artifact_file)
+
+
+def _signature(model: onnx.ModelProto) -> ModelSignature:
+    def spec(value: onnx.ValueInfoProto) -> TensorSpec:
+        dims = value.type.tensor_type.shape.dim
+        shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        return TensorSpec(dtype, shape, value.name)
+
+    return ModelSignature(
+        inputs=Schema([spec(v) for v in model.graph.input]),
+        outputs=Schema([spec(v) for v in model.graph.output]),
+    )
+
+
+def _tag_value(values: Any, file_name: str) -> str:
+    text = json.dumps(values)
+    return text if len(text) <= _MAX_TAG_CHARS else f"too long for a tag; see {file_name}"
+
+
+def register_onnx_model(
+    run_id: str,
+    onnx_path: Path,
+    name: str,
+    labels: list[str],
+    preprocessing: dict[str, Any],
+    alias: str,
+    tracking_uri: str,
+    extra_metadata: dict[str, Any] | None = None,
+) -> RegisteredModel:
+    """Log ``onnx_path`` as an MLflow ONNX-flavor model of the run, register it and set ``alias``.
+
+    Labels and preprocessing travel three ways so every consumer finds them: in the MLmodel
+    metadata, as ``labels.json``/``preprocessing.json`` beside ``model.onnx``, and as tags of the
+    registered version. The ONNX file is stored self-contained (no external data).
+    """
+    client = _client(tracking_uri)
+    run = client.get_run(run_id)
+    proto = onnx.load(str(onnx_path))
+    metadata = {"labels": list(labels), "preprocessing": preprocessing, **(extra_metadata or {})}
+
+    logged = client.create_logged_model(
+        run.info.experiment_id, name=name, source_run_id=run_id, model_type="onnx-classifier"
+    )
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "model"
+            mlflow.onnx.save_model(
+                proto,
+                str(local),
+                mlflow_model=Model(
+                    artifact_path=logged.artifact_location,
+                    run_id=run_id,
+                    model_id=logged.model_id,
+                    model_uuid=logged.model_id,
+                ),
+                signature=_signature(proto),
+                metadata=metadata,
+                # Explicit requirements: inferring them loads the model in a subprocess.
+                pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+                save_as_external_data=False,
+            )
+            (local / LABELS_FILE).write_text(json.dumps(list(labels), indent=2))
+            (local / PREPROCESSING_FILE).write_text(json.dumps(preprocessing, indent=2))
+            client.log_model_artifacts(logged.model_id, str(local))
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    except Exception:
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    tags = {
+        "labels": _tag_value(list(labels), LABELS_FILE),
+        "num_classes": str(len(labels)),
+        "preprocessing": _tag_value(preprocessing, PREPROCESSING_FILE),
+        **{k: str(v) for k, v in (extra_metadata or {}).items()},
+    }
+    # The logged model's own location, not "models:/<model_id>": the SQL registry resolves the
+    # latter through the *global* tracking URI rather than this client's.
+    version = client.create_model_version(
+        name,
+        source=logged.artifact_location,
+        run_id=run_id,
+        tags=tags,
+        model_id=logged.model_id,
+    )
+    client.set_registered_model_alias(name, alias, version.version)
+    result = RegisteredModel(name, int(version.version), f"models:/{name}/{version.version}", alias)
+    logger.info(
+        "registered %s (alias %r, logged model %s)", result.model_uri, alias, logged.model_id
+    )
+    return result
+
+
+def _resolve_version(client: MlflowClient, model_uri: str) -> tuple[str, str]:
+    match = _MODEL_URI.fullmatch(model_uri)
+    if match is None:
+        raise ValueError(
+            f"model URI {model_uri!r} must look like models:/<name>/<version> "
+            "or models:/<name>@<alias>"
+        )
+    name, version, alias = match.group("name", "version", "alias")
+    if alias is not None:
+        version = client.get_model_version_by_alias(name, alias).version
+    return name, str(version)
+
+
+def load_registered(
+    model_uri: str, tracking_uri: str, dst_dir: Path | None = None
+) -> tuple[Path, list[str], dict[str, Any]]:
+    """Download a registered version (``models:/name/3`` or ``models:/name@alias``) for serving.
+
+    Returns the local ONNX file, the class labels in output order and the preprocessing mapping.
+    The version is resolved through this URI's client: MLflow's ``models:/`` download path
+    consults the global registry URI instead.
+    """
+    client = _client(tracking_uri)
+    name, version = _resolve_version(client, model_uri)
+    source = client.get_model_version_download_uri(name, version)
+    dst = Path(dst_dir) if dst_dir is not None else Path(tempfile.mkdtemp(prefix="model-"))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri
+        )
+    )
+    data = Model.load(str(local)).flavors["onnx"]["data"]
+    labels = json.loads((local / LABELS_FILE).read_text())
+    preprocessing = json.loads((local / PREPROCESSING_FILE).read_text())
+    logger.info("downloaded %s/%s to %s", name, version, local)
+    return local / data, labels, preprocessing

@@ -1,0 +1,36 @@
+"""What every task of one run shares: where the data is and where the run writes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from components.common.config import PipelineConfig
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """The run's identity and folders (small and serialisable, so tasks can take it as input)."""
+
+    name: str  # dataset name, kebab-case: run names, experiment and registered model names use it
+    data_root: Path
+    run_dir: Path
+    cache_dir: Path
+
+
+def dataset_name(data_root: Path, cfg: PipelineConfig) -> str:
+    raw = cfg.data.name or Path(data_root).resolve().name
+    return re.sub(r"[^a-z0-9]+", "-", raw.lower()).strip("-") or "dataset"
+
+
+def make_context(data_root: Path, cfg: PipelineConfig) -> RunContext:
+    """A fresh run folder under ``output_dir``; the feature cache is shared across runs."""
+    name = dataset_name(data_root, cfg)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
+    run_dir = (cfg.output_dir / "runs" / f"{name}-{stamp}").resolve()
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return RunContext(
+        name, Path(data_root).resolve(), run_dir, (cfg.output_dir / "cache").resolve()
+    )

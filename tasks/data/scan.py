@@ -1,0 +1,44 @@
+"""Scan and count tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from components.common.config import DataConfig, ValidationConfig
+from components.data import counting, scan
+from tasks.common.context import RunContext
+from tasks.common.policy import transient_only
+
+
+@task(
+    name="scan",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=transient_only,
+    cache_policy=NO_CACHE,
+)
+def scan_dataset(ctx: RunContext, cfg: DataConfig, validation: ValidationConfig, seed: int) -> Path:
+    """Read every file once into ``manifest.csv`` in the run folder."""
+    manifest = scan.scan_dataset(ctx.data_root, cfg, validation, seed)
+    path = ctx.run_dir / "manifest.csv"
+    manifest.to_csv(path, index=False)
+    get_run_logger().info("manifest of %d files written to %s", len(manifest), path)
+    return path
+
+
+@task(name="count", cache_policy=NO_CACHE)
+def count_dataset(usable_manifest: Path) -> counting.DatasetCounts:
+    """Totals and per-class counts of the validated dataset."""
+    counts = counting.count_dataset(scan.read_manifest(usable_manifest))
+    get_run_logger().info(
+        "%d images, %d classes, smallest class %d in train",
+        counts.total,
+        len(counts.classes),
+        counts.min_train_per_class,
+    )
+    create_markdown_artifact(key="dataset-counts", markdown=counts.to_markdown())
+    return counts

@@ -1,0 +1,85 @@
+"""Verification task: check the rule's case against its runner-up when the budget allows."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from components.common.config import PipelineConfig
+from components.common.plan import TransferPlan
+from components.data.counting import DatasetCounts
+from components.data.scan import read_manifest
+from components.data.splits import load_splits
+from components.decision import strategy, verification
+from components.decision.costs import training_throughput
+from components.engine.extraction import ExtractionEngine
+from components.engine.images import Preprocessing
+from components.similarity.scores import SimilarityReport
+from components.training.cases import TrainingJob
+from tasks.decision.strategy import publish_decision
+
+
+def plan_verification(
+    plan: TransferPlan,
+    counts: DatasetCounts,
+    prep: Preprocessing,
+    engine: ExtractionEngine,
+    cfg: PipelineConfig,
+) -> verification.VerificationDecision:
+    """Whether the runner-up will be checked, from a measured training rate (cached per machine)."""
+
+    def rate() -> float:
+        return training_throughput(
+            engine.backbone, prep.image_size, engine.device, engine.cache_root / "throughput.json"
+        )
+
+    n_train = counts.per_split.get("train", 0)
+    return verification.decide_verification(
+        plan, cfg.strategy, n_train, cfg.train.finetune_epochs, rate
+    )
+
+
+@task(name="verify-case", cache_policy=NO_CACHE)
+def verify_case(
+    usable_manifest: Path,
+    counts: DatasetCounts,
+    similarity: SimilarityReport,
+    plan: TransferPlan,
+    prep: Preprocessing,
+    engine: ExtractionEngine,
+    cfg: PipelineConfig,
+    run_dir: Path,
+) -> TransferPlan:
+    """The plan to train: the rule's, or the runner-up when it wins on a nested split."""
+    logger = get_run_logger()
+    decision = plan_verification(plan, counts, prep, engine, cfg)
+    if not decision.run:
+        logger.info("verification skipped: %s", decision.reason)
+        final = replace(
+            plan,
+            verification=decision.to_dict(),
+            reason=f"{plan.reason} Not verified against case {decision.runner_up}: {decision.reason}.",
+        )
+        publish_decision(counts, similarity, final, run_dir)
+        return final
+    classes = list(counts.classes)
+    splits = load_splits(read_manifest(usable_manifest), classes, engine, prep)
+    train = splits["train"]
+    probe = plan.probe
+    if decision.runner_up == 2 and probe is None and cfg.strategy.cut_block is None:
+        probe = strategy.probe_cuts(train.features, train.labels, cfg.seed)
+    runner_up = strategy.plan_for_case(plan, decision.runner_up, probe, cfg.strategy.cut_block)
+    job = TrainingJob(
+        plan, engine.backbone, train, splits["val"], classes, cfg.train, prep, run_dir, cfg.seed
+    )
+    result = verification.verify_runner_up(job, runner_up, decision, cfg.strategy)
+    logger.info(result.sentence())
+    chosen = plan if result.chosen_case == plan.case else runner_up
+    final = replace(
+        chosen, reason=f"{plan.reason} {result.sentence()}", verification=result.to_dict()
+    )
+    publish_decision(counts, similarity, final, run_dir)
+    return final

@@ -1,0 +1,87 @@
+"""Training and evaluation tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from components.common.config import PipelineConfig
+from components.common.plan import TransferPlan
+from components.data.scan import read_manifest
+from components.data.splits import load_splits
+from components.engine.extraction import ExtractionEngine
+from components.engine.images import Preprocessing
+from components.training import cases, evaluation
+from components.training.models import load_model
+from tasks.common.policy import transient_only
+
+
+@task(
+    name="train",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient_only,
+    cache_policy=NO_CACHE,
+)
+def train_model(
+    usable_manifest: Path,
+    classes: list[str],
+    plan: TransferPlan,
+    prep: Preprocessing,
+    engine: ExtractionEngine,
+    cfg: PipelineConfig,
+    run_dir: Path,
+) -> cases.TrainResult:
+    """Train the planned case; a retried attempt resumes from its last epoch checkpoint."""
+    splits = load_splits(read_manifest(usable_manifest), classes, engine, prep)
+    job = cases.TrainingJob(
+        plan,
+        engine.backbone,
+        splits["train"],
+        splits["val"],
+        classes,
+        cfg.train,
+        prep,
+        run_dir,
+        cfg.seed,
+    )
+    result = cases.train_case(job)
+    evaluation.plot_learning_curve(
+        result.history, run_dir / "learning_curve.png", f"case {plan.case}"
+    )
+    get_run_logger().info(
+        "trained case %d on %s in %.1f s: val accuracy %.4f",
+        plan.case,
+        result.device,
+        result.seconds,
+        result.val_accuracy,
+    )
+    return result
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_model(
+    usable_manifest: Path,
+    trained: cases.TrainResult,
+    prep: Preprocessing,
+    engine: ExtractionEngine,
+    cfg: PipelineConfig,
+    run_dir: Path,
+) -> dict[str, evaluation.SplitMetrics]:
+    """Accuracy and per-class precision/recall on the validation and test splits."""
+    model, spec, classes = load_model(trained.model_path, engine.backbone)
+    splits = load_splits(read_manifest(usable_manifest), classes, engine, prep)
+    results = {}
+    for name in ("val", "test"):
+        if name not in splits:
+            continue
+        data = splits[name]
+        logits = evaluation.model_logits(model, spec.cut, data, prep, engine, cfg.train.batch_size)
+        results[name] = evaluation.split_metrics(name, logits, data.labels, classes)
+        evaluation.plot_confusion(results[name], classes, run_dir / f"confusion_{name}.png")
+        get_run_logger().info(
+            "%s accuracy %.4f (n=%d)", name, results[name].accuracy, results[name].n
+        )
+    return results

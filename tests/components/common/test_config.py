@@ -1,0 +1,40 @@
+from pathlib import Path
+
+import pytest
+
+from components.common.config import build_config, dump_config, load_config
+from components.common.errors import ConfigError
+
+
+def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path: Path) -> None:
+    cfg = build_config()
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+def test_unknown_key_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match=r"train\.epochz"):
+        build_config({"train": {"epochz": 3}})
+
+
+def test_bad_value_names_key_and_value() -> None:
+    with pytest.raises(ConfigError, match=r"strategy\.similar_threshold.*1\.5"):
+        build_config({"strategy": {"similar_threshold": 1.5}})
+
+
+def test_dotted_overrides_apply_over_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("train:\n  device: cpu\n  batch_size: 8\n")
+    cfg = load_config(path, {"train.batch_size": 4, "strategy.case": 2})
+    assert (cfg.train.device, cfg.train.batch_size, cfg.strategy.case) == ("cpu", 4, 2)
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_example_config_matches_the_defaults() -> None:
+    example = Path(__file__).parents[3] / "infra" / "pipeline.example.yaml"
+    assert load_config(example) == build_config()

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+
+from components.common.config import StrategyConfig
+from components.common.errors import ConfigError
+from components.data.counting import DatasetCounts
+from components.decision.strategy import planned_case, probe_cuts, select_case
+from components.similarity.scores import SimilarityReport
+
+
+def _counts(per_class: int) -> DatasetCounts:
+    return DatasetCounts(
+        total=2 * per_class,
+        per_split={"train": 2 * per_class},
+        per_class={"a": {"train": per_class}, "b": {"train": per_class}},
+        classes=("a", "b"),
+        min_train_per_class=per_class,
+        median_short_side=200,
+    )
+
+
+def _similarity(score: float, spread: float = 0.02) -> SimilarityReport:
+    return SimilarityReport(
+        score=score,
+        low=score - spread,
+        high=score + spread,
+        mean_kl=1.0,
+        layer_names=("bn",),
+        layer_kl=(1.0,),
+        source_entropy=0.5,
+        source_max_prob=0.5,
+        n_images=10,
+        kl_scale=1.5,
+    )
+
+
+@pytest.mark.parametrize(
+    ("per_class", "score", "case"),
+    [(50, 0.9, 1), (50, 0.1, 2), (5000, 0.9, 3), (5000, 0.1, 4)],
+)
+def test_size_by_similarity_rule(per_class: int, score: float, case: int) -> None:
+    cfg = StrategyConfig(cut_block=3)
+    plan = select_case(_counts(per_class), _similarity(score), cfg)
+    assert plan.case == case == planned_case(_counts(per_class), _similarity(score), cfg)
+    assert str(per_class) in plan.reason and f"{score:.2f}" in plan.reason
+    assert plan.cut == ("block3" if case == 2 else None)
+
+
+def test_thresholds_are_configurable() -> None:
+    plan = select_case(
+        _counts(50),
+        _similarity(0.6),
+        StrategyConfig(large_images_per_class=40, similar_threshold=0.7),
+    )
+    assert plan.case == 4 and plan.size == "large" and plan.similarity == "different"
+
+
+def test_override_is_recorded() -> None:
+    plan = select_case(_counts(50), _similarity(0.9), StrategyConfig(case=3))
+    assert plan.case == 3 and plan.overridden and "Overridden" in plan.reason
+
+
+def test_uncertain_when_interval_straddles_threshold() -> None:
+    assert select_case(_counts(50), _similarity(0.52, 0.1), StrategyConfig()).uncertain
+    assert not select_case(_counts(50), _similarity(0.9, 0.1), StrategyConfig()).uncertain
+
+
+def test_case_2_needs_a_cut() -> None:
+    with pytest.raises(ConfigError, match="cut"):
+        select_case(_counts(50), _similarity(0.1), StrategyConfig())
+
+
+def test_probe_prefers_the_earliest_cut_within_noise() -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 60)
+    signal = np.eye(3)[y] * 3
+    feats = {
+        "block0": rng.normal(size=(180, 8)),  # noise only
+        "block1": np.hstack([signal, rng.normal(size=(180, 5))]),  # separable
+        "block2": np.hstack([signal, rng.normal(size=(180, 13))]),  # equally separable, later
+    }
+    probe = probe_cuts(feats, y, seed=0)
+    assert probe.means[0] < 0.6 and probe.means[1] > 0.95
+    assert probe.chosen == "block1"
+    plan = select_case(_counts(50), _similarity(0.1), StrategyConfig(), probe)
+    assert plan.cut == "block1" and "probe" in plan.reason

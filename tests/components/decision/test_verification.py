@@ -1,0 +1,96 @@
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from components.common.config import StrategyConfig
+from components.common.plan import ProbeScores
+from components.data.counting import DatasetCounts
+from components.data.splits import SplitData
+from components.decision.costs import case_seconds, finetune_seconds
+from components.decision.strategy import plan_for_case, select_case
+from components.decision.verification import (
+    RUNNER_UP,
+    decide_verification,
+    difference_se,
+    nested_split,
+)
+from components.similarity.scores import SimilarityReport
+
+
+def _plan(case: int = 1, **strategy):
+    counts = DatasetCounts(
+        100, {"train": 100}, {"a": {"train": 50}, "b": {"train": 50}}, ("a", "b"), 50, 200
+    )
+    similarity = SimilarityReport(0.9, 0.88, 0.92, 0.2, ("bn",), (0.2,), 0.3, 0.7, 32, 1.5)
+    cfg = StrategyConfig(case=case, **strategy) if case != 1 else StrategyConfig(**strategy)
+    return select_case(counts, similarity, cfg, None if case != 2 else _probe())
+
+
+def _probe() -> ProbeScores:
+    return ProbeScores(("block0", "head"), (0.6, 0.9), (0.01, 0.01), "head")
+
+
+def test_runner_up_flips_frozen_and_fine_tuned_keeping_similarity() -> None:
+    assert RUNNER_UP == {1: 3, 3: 1, 2: 4, 4: 2}
+
+
+def test_auto_verifies_only_close_calls_whose_estimate_fits_the_budget() -> None:
+    plan = replace(_plan(), min_images_per_class=300, large_images_per_class=1000)
+    cheap = decide_verification(plan, StrategyConfig(verify_budget_s=120), 500, 8, lambda: 200.0)
+    costly = decide_verification(plan, StrategyConfig(verify_budget_s=120), 500, 8, lambda: 5.0)
+    far = replace(plan, min_images_per_class=50)  # 20x below the threshold: not a close call
+    clear = decide_verification(far, StrategyConfig(), 500, 8, lambda: 1e6)
+    assert not clear.run and "not close" in clear.reason and "20.0x" in clear.reason
+    never = decide_verification(far, StrategyConfig(), 500, 8, lambda: 1 / 0)  # not measured
+    assert never.estimated_seconds is None
+    assert decide_verification(
+        replace(far, uncertain=True), StrategyConfig(), 500, 8, lambda: 1e6
+    ).run
+    assert cheap.run and cheap.runner_up == 3 and "fits" in cheap.reason
+    assert not costly.run and "exceeds" in costly.reason
+    # the estimate is the frozen case's constant plus a fine-tune on 80% of the training images
+    inner = 500 - round(500 * 0.2)
+    assert cheap.estimated_seconds == pytest.approx(
+        case_seconds(1, inner, 100, 8, lambda: 200.0) + finetune_seconds(inner, 100, 8, 200.0),
+        abs=0.1,
+    )
+    assert costly.estimated_seconds > 120
+
+
+def test_off_on_and_user_overrides() -> None:
+    plan = _plan()
+    assert not decide_verification(plan, StrategyConfig(verify="off"), 500, 8, lambda: 1e6).run
+    assert decide_verification(plan, StrategyConfig(verify="on"), 500, 8, lambda: 0.1).run
+    forced = _plan(case=3)
+    skipped = decide_verification(forced, StrategyConfig(verify="on"), 500, 8, lambda: 1e6)
+    assert not skipped.run and "set by configuration" in skipped.reason
+
+
+def test_nested_split_is_stratified_disjoint_and_seeded() -> None:
+    labels = np.repeat(np.arange(3), [20, 30, 50])
+    data = SplitData([f"{i}.png" for i in range(100)], labels, {"head": np.eye(100)})
+    inner_train, inner_val = nested_split(data, 0.2, seed=0)
+    again_train, _ = nested_split(data, 0.2, seed=0)
+    assert len(inner_val.labels) == 20 and len(inner_train.labels) == 80
+    assert not set(inner_train.paths) & set(inner_val.paths)
+    assert np.bincount(inner_val.labels).tolist() == [4, 6, 10]
+    assert inner_train.paths == again_train.paths
+    # features travel with their images
+    rows = [int(p.split(".")[0]) for p in inner_val.paths]
+    assert (inner_val.features["head"].argmax(1) == rows).all()
+
+
+def test_plan_for_case_keeps_the_evidence_and_picks_the_probe_cut() -> None:
+    plan = _plan()
+    other = plan_for_case(plan, 2, _probe(), None, "Because.")
+    assert other.case == 2 and other.cut == "head" and other.reason.endswith("Because.")
+    assert other.similarity_score == plan.similarity_score
+    assert plan_for_case(plan, 2, None, 3).cut == "block3"
+    assert plan_for_case(plan, 3, None, None).cut is None
+
+
+def test_the_switching_margin_shrinks_with_the_held_out_set() -> None:
+    assert difference_se(0.97, 0.98, 1400) == pytest.approx(0.0058, abs=1e-4)
+    assert difference_se(0.94, 0.94, 49) > 0.04
+    assert difference_se(1.0, 1.0, 10) == 0.0

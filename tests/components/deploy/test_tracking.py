@@ -1,0 +1,146 @@
+"""Tracking and registry against a fresh SQLite MLflow store in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
+from mlflow.models import Model
+
+from components.common.config import ExportConfig, TrackingConfig
+from components.deploy import tracking
+from components.deploy.export import export_onnx
+from tests.conftest import tiny_classifier
+
+LABELS = ["cat", "dog", "fox"]
+PREP = {"image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = tiny_classifier(len(LABELS))
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    return export_onnx(model, torch.randn(4, 3, 32, 32), out, ExportConfig()).onnx_path
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[TrackingConfig, Path, str]:
+    """A fresh store under tmp_path, run from an empty working directory to catch stray files."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    output_dir = tmp_path / "out"
+    cfg = TrackingConfig(experiment="unit-tests")
+    return cfg, output_dir, tracking.resolve_tracking_uri(cfg, output_dir)
+
+
+def test_resolve_tracking_uri_prefers_config_then_env_then_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    explicit = TrackingConfig(tracking_uri="http://mlflow.example:5000")
+    assert tracking.resolve_tracking_uri(explicit, tmp_path) == "http://mlflow.example:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    assert tracking.resolve_tracking_uri(TrackingConfig(), tmp_path) == "sqlite:///elsewhere.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    uri = tracking.resolve_tracking_uri(TrackingConfig(), tmp_path / "out")
+    assert uri == f"sqlite:///{(tmp_path / 'out' / 'mlruns' / 'mlflow.db').resolve()}"
+
+
+def test_run_logs_params_metrics_and_artifacts(
+    store: tuple[TrackingConfig, Path, str], tmp_path: Path
+) -> None:
+    cfg, output_dir, uri = store
+    run_id = tracking.start_run(cfg, output_dir, "digits-run", {"dataset": "digits"})
+    tracking.log_params(run_id, {"lr": 0.01, "case": 2}, tracking_uri=uri)
+    tracking.log_metrics(run_id, {"loss": 1.5}, step=0, tracking_uri=uri)
+    tracking.log_metrics(run_id, {"loss": 0.5}, step=1, tracking_uri=uri)
+    tracking.log_text(run_id, "seed: 0\n", "config.yaml", tracking_uri=uri)
+    tracking.log_dict(run_id, {"case": 2}, "decision.json", tracking_uri=uri)
+    note = tmp_path / "notes.md"
+    note.write_text("# decision\n")
+    tracking.log_artifact(run_id, note, "report", tracking_uri=uri)
+    fig = Figure()
+    fig.subplots().plot([0, 1], [1.5, 0.5])
+    tracking.log_figure(run_id, fig, "report/curve.png", tracking_uri=uri)
+    tracking.finish_run(run_id, tracking_uri=uri)
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "digits-run"
+    assert run.data.params == {"lr": "0.01", "case": "2"}
+    assert run.data.tags["dataset"] == "digits"
+    assert [m.value for m in client.get_metric_history(run_id, "loss")] == [1.5, 0.5]
+    top = {a.path for a in client.list_artifacts(run_id)}
+    assert top == {"config.yaml", "decision.json", "report"}
+    assert {a.path for a in client.list_artifacts(run_id, "report")} == {
+        "report/notes.md",
+        "report/curve.png",
+    }
+    # Artifacts sit beside the SQLite database, and nothing leaked into the working directory.
+    assert (output_dir / "mlruns" / "mlflow.db").is_file()
+    assert (output_dir / "mlruns" / "artifacts").is_dir()
+    assert list(Path.cwd().iterdir()) == []
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_failed_run_is_marked_failed(store: tuple[TrackingConfig, Path, str]) -> None:
+    cfg, output_dir, uri = store
+    run_id = tracking.start_run(cfg, output_dir, "broken", {})
+    tracking.finish_run(run_id, "FAILED", tracking_uri=uri)
+    assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "FAILED"
+    with pytest.raises(ValueError, match="FINISHED"):
+        tracking.finish_run(run_id, "DONE", tracking_uri=uri)
+
+
+def test_register_twice_moves_alias_and_round_trips(
+    store: tuple[TrackingConfig, Path, str], onnx_file: Path, tmp_path: Path
+) -> None:
+    cfg, output_dir, uri = store
+    run_id = tracking.start_run(cfg, output_dir, "register", {})
+    first = tracking.register_onnx_model(
+        run_id, onnx_file, "pets", LABELS, PREP, "candidate", uri, extra_metadata={"case": 2}
+    )
+    second = tracking.register_onnx_model(run_id, onnx_file, "pets", LABELS, PREP, "candidate", uri)
+    tracking.finish_run(run_id, tracking_uri=uri)
+
+    assert (first.version, second.version) == (1, 2)
+    assert second == tracking.RegisteredModel("pets", 2, "models:/pets/2", "candidate")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert int(client.get_model_version_by_alias("pets", "candidate").version) == 2
+    version = client.get_model_version("pets", "1")
+    assert json.loads(version.tags["labels"]) == LABELS
+    assert json.loads(version.tags["preprocessing"]) == PREP
+    assert version.tags["case"] == "2"
+    assert version.run_id == run_id
+
+    local_dir = tmp_path / "served"
+    path, labels, prep = tracking.load_registered("models:/pets@candidate", uri, local_dir)
+    assert (labels, prep) == (LABELS, PREP)
+    assert path.is_file() and path.is_relative_to(local_dir)
+    assert Model.load(str(path.parent)).metadata["labels"] == LABELS
+    assert [p.name for p in path.parent.glob("*.onnx*")] == ["model.onnx"]  # no external data
+
+    x = np.random.default_rng(0).standard_normal((5, 3, 32, 32), dtype=np.float32)
+    original = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    served = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(
+        served.run(["logits"], {"input": x})[0], original.run(["logits"], {"input": x})[0]
+    )
+    older, _, _ = tracking.load_registered("models:/pets/1", uri, tmp_path / "v1")
+    assert older.read_bytes() == path.read_bytes()
+    assert list(Path.cwd().iterdir()) == []
+
+
+def test_load_registered_names_accepted_uri_forms(store: tuple[TrackingConfig, Path, str]) -> None:
+    _, _, uri = store
+    with pytest.raises(ValueError, match="models:/<name>/<version>"):
+        tracking.load_registered("runs:/abc/model", uri)

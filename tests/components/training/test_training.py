@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+
+from components.common.config import DataConfig, TrainConfig, ValidationConfig
+from components.data.counting import count_dataset
+from components.data.scan import scan_dataset
+from components.data.splits import load_splits
+from components.decision.strategy import StrategyConfig, select_case
+from components.engine.backbones import load_backbone
+from components.engine.extraction import ExtractionEngine
+from components.engine.images import Preprocessing
+from components.similarity.scores import SimilarityReport
+from components.training.cases import TrainingJob, choose_image_size, train_case
+
+
+@pytest.fixture(scope="module")
+def setup(digits_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    manifest = scan_dataset(digits_root, DataConfig(), ValidationConfig(), 0)
+    backbone = load_backbone("efficientnet_lite0")
+    prep = Preprocessing(64, (0.5,) * 3, (0.5,) * 3)
+    classes = [str(d) for d in range(10)]
+    cache = tmp_path_factory.mktemp("cache")
+    return (
+        manifest,
+        backbone,
+        prep,
+        classes,
+        load_splits(manifest, classes, ExtractionEngine(backbone, cache, num_workers=0), prep),
+    )
+
+
+def _plan(manifest, case: int):
+    sim = SimilarityReport(0.1, 0.05, 0.15, 5.0, ("bn",), (5.0,), 0.5, 0.5, 10, 1.5)
+    return select_case(count_dataset(manifest), sim, StrategyConfig(case=case, cut_block=3))
+
+
+def _job(setup, plan, cfg: TrainConfig, run_dir: Path) -> TrainingJob:
+    _, backbone, prep, classes, splits = setup
+    return TrainingJob(
+        plan, backbone, splits["train"], splits["val"], classes, cfg, prep, run_dir, 0
+    )
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(finetune_epochs=1, head_epochs=30, batch_size=32, num_workers=0, **kw)
+
+
+@pytest.mark.parametrize("case", [1, 2])
+def test_frozen_cases_train_a_head_only(setup, tmp_path: Path, case: int) -> None:
+    manifest = setup[0]
+    result = train_case(_job(setup, _plan(manifest, case), _cfg(), tmp_path))
+    assert result.spec.cut == ("head" if case == 1 else "block3")
+    assert result.val_accuracy > 0.8 and result.model_path.is_file()
+
+
+def test_case_4_falls_back_to_random_init_and_keeps_the_better(setup, tmp_path: Path) -> None:
+    manifest = setup[0]
+    cfg = _cfg(success_accuracy=1.0)  # only a perfect score counts as success
+    result = train_case(_job(setup, _plan(manifest, 4), cfg, tmp_path))
+    inits = [a["init"] for a in result.attempts]
+    pretrained = next(a for a in result.attempts if a["init"] == "pretrained")
+    assert pretrained["val_accuracy"] < 1.0  # ten classes and one epoch: never perfect
+    assert inits == ["frozen probe", "pretrained", "random"] and pretrained["success"] is False
+    best = max(a["val_accuracy"] for a in result.attempts if a["init"] != "frozen probe")
+    assert result.val_accuracy == best
+    assert (tmp_path / "checkpoints" / "random.pt").is_file()
+
+
+def test_fine_tune_resumes_from_its_checkpoint(setup, tmp_path: Path) -> None:
+    manifest = setup[0]
+    plan = _plan(manifest, 3)
+    first = train_case(_job(setup, plan, _cfg(), tmp_path))
+    cfg = TrainConfig(finetune_epochs=2, head_epochs=30, batch_size=32, num_workers=0)
+    second = train_case(_job(setup, plan, cfg, tmp_path))
+    attempt = next(a for a in second.attempts if a["init"] == "pretrained")
+    assert attempt["resumed_from_epoch"] == 1
+    assert len(second.history) == 2 and second.history[0] == first.history[0]
+
+
+def test_image_size_follows_the_images() -> None:
+    assert choose_image_size("auto", 333, 224)[0] == 224
+    assert choose_image_size("auto", 28, 224)[0] == 64
+    assert choose_image_size("auto", 100, 224)[0] == 224  # 2 x 100 rounds up past native
+    assert choose_image_size(128, 28, 224) == (128, "128 px set in configuration")
