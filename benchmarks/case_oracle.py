@@ -35,7 +35,6 @@ from components.common.config import load_config
 from components.data.scan import read_manifest
 from components.data.splits import load_splits
 from components.decision import strategy
-from components.engine.backbones import load_backbone
 from components.training import evaluation
 from components.training.cases import TrainingJob, train_case
 from components.training.models import load_model
@@ -68,31 +67,25 @@ def pipeline_decision(data: str, config: Any) -> tuple[Decision, strategy.Transf
         d.similarity,
         d.plan,
         d.prep,
+        d.engine,
         config,
-        d.ctx.cache_dir,
         d.ctx.run_dir,
     )
     return d, final
 
 
-def _accuracy(model_path: Path, split: Any, backbone: Any, prep: Any, cfg: Any) -> float:
-    model, spec, _ = load_model(model_path, backbone)
-    logits = evaluation.model_logits(model, spec.cut, split, prep, cfg.train)
+def _accuracy(model_path: Path, split: Any, engine: Any, prep: Any, cfg: Any) -> float:
+    model, spec, _ = load_model(model_path, engine.backbone)
+    logits = evaluation.model_logits(model, spec.cut, split, prep, engine, cfg.train.batch_size)
     return float((logits.argmax(1) == split.labels).mean())
 
 
 def train_every_case(d: Decision, cfg: Any, out: Path) -> list[dict[str, Any]]:
     """Each case trained with the pipeline's recipe; results cached per case in ``out``."""
-    backbone = load_backbone(cfg.backbone, cfg.backbone_weights)
+    backbone = d.engine.backbone
     classes = list(d.counts.classes)
-    splits = load_splits(
-        read_manifest(d.validation.usable_manifest_path),
-        classes,
-        backbone,
-        d.prep,
-        d.ctx.cache_dir,
-        cfg.train.num_workers,
-    )
+    manifest = read_manifest(d.validation.usable_manifest_path)
+    splits = load_splits(manifest, classes, d.engine, d.prep)
     train, val, test = splits["train"], splits["val"], splits.get("test")
     probe = d.plan.probe
     if probe is None and cfg.strategy.cut_block is None:
@@ -118,7 +111,7 @@ def train_every_case(d: Decision, cfg: Any, out: Path) -> list[dict[str, Any]]:
             "val_accuracy": result.val_accuracy,
             "test_accuracy": None
             if test is None
-            else _accuracy(result.model_path, test, backbone, d.prep, cfg),
+            else _accuracy(result.model_path, test, d.engine, d.prep, cfg),
             "seconds": round(seconds, 1),
             "attempts": list(result.attempts),
         }

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from components.engine.features import ImageFiles, choose_device
 from report import machine, write_result
 from torch import nn
 from torch.utils.data import DataLoader
@@ -39,7 +38,8 @@ from components.data.counting import count_dataset
 from components.data.scan import SPLIT_ALIASES, scan_dataset
 from components.data.splits import SplitData, load_splits
 from components.engine.backbones import Backbone, fresh_model, load_backbone
-from components.engine.images import EvalTransform, Preprocessing, train_transform
+from components.engine.extraction import ExtractionEngine, choose_device
+from components.engine.images import EvalTransform, ImageFiles, Preprocessing, train_transform
 from components.training.cases import TrainingJob, choose_image_size, train_case
 from components.training.finetune import predict_logits, train_step
 
@@ -199,7 +199,8 @@ def main() -> int:
         prep = Preprocessing(size, native.mean, native.std, native.crop_pct, native.interpolation)
         classes = list(counts.classes)
         start = time.perf_counter()
-        splits = load_splits(manifest, classes, backbone, prep, work / "cache", cfg.num_workers)
+        engine = ExtractionEngine(backbone, work / "cache", num_workers=cfg.num_workers)
+        splits = load_splits(manifest, classes, engine, prep)
         embed_seconds = time.perf_counter() - start
         train, val = splits["train"], splits["val"]
         print(

@@ -18,11 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-from components.engine.features import extract_features
 
 from components.common.config import DataConfig, SimilarityConfig, ValidationConfig
 from components.data.scan import scan_dataset
 from components.engine.backbones import load_backbone
+from components.engine.extraction import ExtractionEngine
 from components.engine.images import Preprocessing
 from components.similarity.domain_profile import PROFILE_CUT, build_profile, compare_to_profile
 
@@ -34,9 +34,8 @@ def _embed(folder: Path, size: int, cache: Path, limit: int, seed: int) -> tuple
         manifest = manifest.sample(limit, random_state=seed)
     backbone = load_backbone("efficientnet_lite0")
     prep = Preprocessing(size, (0.5,) * 3, (0.5,) * 3)
-    feats = extract_features(
-        backbone, manifest["path"].tolist(), manifest["sha256"].tolist(), prep, cache
-    )
+    engine = ExtractionEngine(backbone, cache)
+    feats = engine.features(manifest["path"].tolist(), manifest["sha256"].tolist(), prep)
     return feats[PROFILE_CUT], manifest["label"].tolist()
 
 

@@ -22,8 +22,9 @@ from scipy.stats import spearmanr
 from components.common.config import DataConfig, SimilarityConfig, ValidationConfig
 from components.data.scan import scan_dataset
 from components.engine.backbones import load_backbone
+from components.engine.extraction import ExtractionEngine
 from components.similarity.corruptions import CORRUPTIONS, SEVERITIES, write_corrupted
-from components.similarity.scores import sample_rows, score_similarity
+from components.similarity.scores import sample_rows, score_files
 
 
 def main() -> None:
@@ -39,11 +40,16 @@ def main() -> None:
     backbone = load_backbone("efficientnet_lite0")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        # One engine for every severity, as one flow run has one: rows are keyed by file content,
+        # so the clean copies (severity 0 of every corruption) are computed once.
+        engine = ExtractionEngine(
+            backbone, Path(tmp) / "cache", num_workers=0, moments_batch_size=cfg.batch_size
+        )
         for kind in CORRUPTIONS:
             rows = []
             for severity in range(SEVERITIES + 1):
                 files = write_corrupted(paths, kind, severity, Path(tmp) / f"{kind}{severity}")
-                report = score_similarity(backbone, files, cfg, 0, 0)
+                report = score_files(engine, files, cfg, 0)
                 rows.append(
                     {
                         "severity": severity,

@@ -172,6 +172,7 @@ class ExtractionEngine:
         engine: str = "auto",
         num_workers: int = NUM_WORKERS,
         moments_batch_size: int | None = None,
+        batch_size: int | None = None,
     ) -> None:
         self.backbone = backbone
         self.cache_root = Path(cache_root)
@@ -179,6 +180,7 @@ class ExtractionEngine:
         self.engine = choose_engine(engine, self.device)
         self.num_workers = num_workers
         self.moments_batch_size = moments_batch_size
+        self.batch_size = batch_size  # None: sized to the image and device (extraction_batch)
         self.layout: RowLayout = row_layout(backbone.model)
         self._caches: dict[str, RowCache] = {}
         self._sessions: dict[tuple[Path, int], onnxruntime.InferenceSession] = {}
@@ -282,7 +284,7 @@ class ExtractionEngine:
     def _batch(self, graph: _Graph, prep: Preprocessing) -> int:
         if graph is FEATURES_AND_MOMENTS and self.moments_batch_size:
             return self.moments_batch_size
-        return extraction_batch(prep.image_size, self.device)
+        return self.batch_size or extraction_batch(prep.image_size, self.device)
 
     def _rows(self, graph: _Graph, paths: Sequence[str], prep: Preprocessing) -> np.ndarray:
         batch = self._batch(graph, prep)
