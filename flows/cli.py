@@ -64,13 +64,13 @@ def _print_summary(summary: dict[str, Any]) -> None:
         for q in summary["quarantined"][:10]:
             print(f"  {q['path']}: {q['reason']}")
     if "metrics" in summary:
-        m = summary["metrics"]
-        test = (
-            f", test accuracy {m['test_accuracy']:.4f}"
-            if m.get("test_accuracy") is not None
-            else ""
-        )
-        print(f"validation accuracy {m['val_accuracy']:.4f}{test} (trained on {summary['device']})")
+        for split, a in summary.get("accuracy", {}).items():
+            name = {"val": "validation", "test": "test"}.get(split, split)
+            print(
+                f"{name} accuracy {a['value']:.4f} (95% CI {a['low']:.3f}-{a['high']:.3f}, "
+                f"n={a['n']}; balanced {a['balanced']:.3f}, macro-F1 {a['macro_f1']:.3f})"
+            )
+        print(f"trained on {summary['device']}")
         print(
             f"ONNX model: {summary['onnx_path']} (max |diff| vs PyTorch {summary['onnx_max_abs_diff']:.1e})"
         )

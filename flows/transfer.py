@@ -205,6 +205,17 @@ def transfer_flow(data: str, config: PipelineConfig | None = None) -> dict[str, 
         **_decision_summary(d),
         "metrics": {"val_accuracy": None, "test_accuracy": None}
         | {f"{k}_accuracy": m.accuracy for k, m in metrics.items()},
+        "accuracy": {
+            k: {
+                "value": m.accuracy,
+                "n": m.n,
+                "low": m.accuracy_low,
+                "high": m.accuracy_high,
+                "balanced": m.balanced_accuracy,
+                "macro_f1": m.macro_f1,
+            }
+            for k, m in metrics.items()
+        },
         "attempts": list(trained.attempts),
         "device": trained.device,
         "onnx_path": str(exported.onnx_path),

@@ -97,8 +97,9 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     image_size: int | Literal["auto"] = "auto"
     batch_size: int = Field(32, ge=1)
-    head_epochs: int = Field(100, ge=1)
-    head_lr: float = Field(1e-2, gt=0)
+    # Frozen heads: L2-penalised softmax regression, the penalty chosen by this many stratified
+    # folds of the training split (fewer when the rarest class has fewer images).
+    head_cv_folds: int = Field(5, ge=2)
     finetune_epochs: int = Field(8, ge=1)
     finetune_lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)

@@ -24,6 +24,8 @@ class ProbeScores:
     means: tuple[float, ...]
     stds: tuple[float, ...]
     chosen: str
+    folds: int = 3
+    penalties: tuple[float, ...] = ()  # the penalty CV chose at each cut
 
 
 @dataclass(frozen=True)

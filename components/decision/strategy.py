@@ -10,16 +10,15 @@ import logging
 from dataclasses import replace
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score, train_test_split
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.model_selection import train_test_split
 
 from components.common.config import StrategyConfig
 from components.common.errors import ConfigError
 from components.common.plan import CASE_NAMES, ProbeScores, TransferPlan
 from components.data.counting import DatasetCounts
 from components.similarity.scores import SimilarityReport
+from components.training.logistic import Standardiser, fold_count
+from components.training.ridge import ridge_cv_curve
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +27,18 @@ def probe_cuts(
     features: dict[str, np.ndarray],
     labels: np.ndarray,
     seed: int,
+    prefer: str = "earliest",
     folds: int = 3,
     max_rows: int = 4000,
 ) -> ProbeScores:
-    """Pick case 2's cut: the earliest cut whose probe accuracy is within noise of the best.
+    """Score a linear head at every cut by k-fold CV on the training rows and pick one.
 
-    Earlier cuts mean a smaller, faster model and features that are less specific to the source
-    task, so a tie goes to the earlier one ("within noise" = one standard error of the best).
-    The probe ranks cuts; it need not see every image, so large sets are subsampled (stratified).
+    The probe is a closed-form ridge classifier (``training.ridge``: every penalty of its grid from
+    one decomposition per fold, the best kept per cut), so scoring every cut costs less than
+    embedding the images did; the final head is then the logistic fit at the chosen cut. ``prefer`` breaks ties within noise (one standard error
+    of the best): ``"earliest"`` (different data: earlier cuts are smaller, faster and less
+    specific to the source task) or ``"head"`` (similar data: the whole network, the rule's prior).
+    Large sets are subsampled (stratified): ranking cuts does not need every image.
     """
     if len(labels) > max_rows:
         keep, _ = train_test_split(
@@ -43,25 +46,28 @@ def probe_cuts(
         )
         keep = np.sort(keep)
         features, labels = {c: x[keep] for c, x in features.items()}, labels[keep]
-    counts = np.bincount(np.unique(labels, return_inverse=True)[1])
-    k = int(max(2, min(folds, counts.min())))
-    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    cuts, means, stds = [], [], []
+    y = np.unique(labels, return_inverse=True)[1]
+    num_classes = int(y.max()) + 1
+    cuts, means, stds, cs = [], [], [], []
+    folds_used = fold_count(y, folds)
     for cut, x in features.items():
-        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=0.5))
-        scores = cross_val_score(probe, x, labels, cv=splitter)
+        curve = ridge_cv_curve(Standardiser.fit(x).apply(x), y, num_classes, folds, seed)
         cuts.append(cut)
-        means.append(float(scores.mean()))
-        stds.append(float(scores.std()))
+        means.append(curve.means[curve.best])
+        stds.append(curve.stds[curve.best])
+        cs.append(curve.grid[curve.best])
     best = int(np.argmax(means))
-    bar = means[best] - stds[best] / np.sqrt(k)
-    chosen = next(c for c, m in zip(cuts, means, strict=True) if m >= bar)
+    bar = means[best] - stds[best] / np.sqrt(folds_used)
+    if prefer == "head" and "head" in cuts and means[cuts.index("head")] >= bar:
+        chosen = "head"
+    else:
+        chosen = next(c for c, m in zip(cuts, means, strict=True) if m >= bar)
     log.info(
         "probe accuracies %s -> cut after %s",
         {c: round(m, 3) for c, m in zip(cuts, means, strict=True)},
         chosen,
     )
-    return ProbeScores(tuple(cuts), tuple(means), tuple(stds), chosen)
+    return ProbeScores(tuple(cuts), tuple(means), tuple(stds), chosen, folds_used, tuple(cs))
 
 
 def planned_case(counts: DatasetCounts, similarity: SimilarityReport, cfg: StrategyConfig) -> int:
@@ -73,6 +79,20 @@ def planned_case(counts: DatasetCounts, similarity: SimilarityReport, cfg: Strat
     return {(False, True): 1, (False, False): 2, (True, True): 3, (True, False): 4}[
         (large, similar)
     ]
+
+
+def needs_probe(counts: DatasetCounts, similarity: SimilarityReport, cfg: StrategyConfig) -> bool:
+    """A frozen case whose cut is not set: the probe measures it (case 1 is the cut at the head)."""
+    return (
+        planned_case(counts, similarity, cfg) in (1, 2) and cfg.cut_block is None and cfg.case != 1
+    )
+
+
+def probe_preference(similarity: SimilarityReport, cfg: StrategyConfig) -> str:
+    """Which cut a tie goes to: the head for similar data (the rule's prior), else the earliest."""
+    return (
+        "head" if similarity.score >= cfg.similar_threshold and cfg.case == "auto" else "earliest"
+    )
 
 
 def select_case(
@@ -101,17 +121,16 @@ def select_case(
     if overridden:
         reason += f" Overridden by configuration: case {case} ({CASE_NAMES[case]})."
     cut = None
-    if case == 2:
+    if case in (1, 2) and not overridden and cfg.cut_block is None and probe is not None:
+        case, cut = (1, None) if probe.chosen == "head" else (2, probe.chosen)
+        reason += " " + probe_sentence(probe, rule_case, case)
+    elif case == 2:
         if cfg.cut_block is not None:
             cut = f"block{cfg.cut_block}"
             reason += f" Cut after {cut} (set in configuration)."
         elif probe is not None:
-            cut = probe.chosen
-            best = probe.cuts[int(np.argmax(probe.means))]
-            reason += (
-                f" Cut after {cut}: a linear probe scored {probe.means[probe.cuts.index(cut)]:.3f} there "
-                f"(best {max(probe.means):.3f} at {best}; the earliest cut within noise wins)."
-            )
+            cut = probe.chosen if probe.chosen != "head" else probe.cuts[-2]
+            reason += " " + probe_sentence(probe, rule_case, case)
         else:
             raise ConfigError("case 2 needs strategy.cut_block or probe scores to choose the cut")
     return TransferPlan(
@@ -128,6 +147,22 @@ def select_case(
         similar_threshold=cfg.similar_threshold,
         probe=probe,
     )
+
+
+def probe_sentence(probe: ProbeScores, rule_case: int, case: int) -> str:
+    """One sentence on what the probe measured and what it changed."""
+    best = probe.cuts[int(np.argmax(probe.means))]
+    at = probe.means[probe.cuts.index(probe.chosen)]
+    tie = "the head" if rule_case == 1 else "the earliest cut"
+    where = "the head (the whole network)" if probe.chosen == "head" else f"{probe.chosen}"
+    text = (
+        f"A linear head scored {at:.3f} at {where} in {probe.folds}-fold cross-validation on the "
+        f"training split (best {max(probe.means):.3f} at {best}; within noise of the best, "
+        f"{tie} wins)."
+    )
+    if case != rule_case:
+        text += f" The measurement moves the frozen case from {rule_case} to {case}."
+    return text
 
 
 def plan_for_case(

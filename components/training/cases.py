@@ -91,10 +91,8 @@ def _fit_head(job: TrainingJob, cut: str) -> HeadFit:
         job.val.features[cut],
         job.val.labels,
         len(job.classes),
-        cfg.head_epochs,
-        cfg.head_lr,
-        cfg.label_smoothing,
         job.seed,
+        cfg.head_cv_folds,
     )
 
 
@@ -109,10 +107,11 @@ def _frozen(job: TrainingJob) -> tuple[_Trained, list[dict[str, object]]]:
         "init": "pretrained",
         "trained": f"linear head after {cut}",
         "val_accuracy": fit.val_accuracy,
-        "weight_decay": fit.weight_decay,
-        "best_epoch": fit.best_epoch,
+        "C": fit.c,
+        "cv_accuracy": fit.cv_accuracy,
+        "cv_folds": fit.cv_folds,
     }
-    return (model, spec, fit.val_accuracy, fit.history), [attempt]
+    return (model, spec, fit.val_accuracy, ()), [attempt]
 
 
 def _finetuned(job: TrainingJob, device: torch.device) -> tuple[_Trained, list[dict[str, object]]]:

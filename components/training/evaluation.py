@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from components.common.intervals import wilson_interval
 from components.data.splits import SplitData
 from components.engine.extraction import ExtractionEngine
 from components.engine.images import Preprocessing
@@ -21,20 +22,37 @@ from components.training.models import FrozenTransferModel
 
 @dataclass(frozen=True)
 class SplitMetrics:
+    """One split's figures; the accuracy always travels with its n and 95% Wilson interval."""
+
     split: str
     n: int
     accuracy: float
     per_class: dict[str, dict[str, float]]  # label -> precision / recall / support
     confusion: list[list[int]]
+    accuracy_low: float = 0.0
+    accuracy_high: float = 1.0
+    # Imbalanced data: plain accuracy rewards the majority class; these weigh every class alike.
+    balanced_accuracy: float = float("nan")
+    macro_f1: float = float("nan")
 
     def to_dict(self) -> dict[str, object]:
         return {
             "split": self.split,
             "n": self.n,
             "accuracy": self.accuracy,
+            "accuracy_low": self.accuracy_low,
+            "accuracy_high": self.accuracy_high,
+            "balanced_accuracy": self.balanced_accuracy,
+            "macro_f1": self.macro_f1,
             "per_class": self.per_class,
             "confusion": self.confusion,
         }
+
+    def sentence(self) -> str:
+        return (
+            f"{self.accuracy:.4f} (95% CI {self.accuracy_low:.3f}-{self.accuracy_high:.3f}, "
+            f"n={self.n})"
+        )
 
 
 def model_logits(
@@ -60,7 +78,7 @@ def split_metrics(
     """Accuracy and per-class precision/recall of ``logits`` against integer ``labels``."""
     pred = logits.argmax(1)
     idx = list(range(len(classes)))
-    precision, recall, _, support = precision_recall_fscore_support(
+    precision, recall, f1, support = precision_recall_fscore_support(
         labels, pred, labels=idx, zero_division=0
     )
     per_class = {
@@ -72,7 +90,20 @@ def split_metrics(
         for i, c in enumerate(classes)
     }
     cm = confusion_matrix(labels, pred, labels=idx)
-    return SplitMetrics(split, len(labels), float((pred == labels).mean()), per_class, cm.tolist())
+    correct = int((pred == labels).sum())
+    low, high = wilson_interval(correct, len(labels))
+    present = support > 0  # classes absent from this split have no recall to average
+    return SplitMetrics(
+        split,
+        len(labels),
+        correct / max(len(labels), 1),
+        per_class,
+        cm.tolist(),
+        low,
+        high,
+        float(recall[present].mean()) if present.any() else float("nan"),
+        float(f1[present].mean()) if present.any() else float("nan"),
+    )
 
 
 def plot_confusion(metrics: SplitMetrics, classes: list[str], path: Path) -> Path:
@@ -85,7 +116,10 @@ def plot_confusion(metrics: SplitMetrics, classes: list[str], path: Path) -> Pat
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"{metrics.split}: accuracy {metrics.accuracy:.3f} (n={metrics.n})")
+    ax.set_title(
+        f"{metrics.split}: accuracy {metrics.accuracy:.3f} "
+        f"({metrics.accuracy_low:.3f}-{metrics.accuracy_high:.3f}, n={metrics.n})"
+    )
     for (i, j), v in np.ndenumerate(cm):
         ax.text(
             j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black"

@@ -1,4 +1,4 @@
-"""Case-selection task: the size x similarity rule, a probe for case 2's cut, and the report."""
+"""Case-selection task: the size x similarity rule, a probe for the frozen cases' cut, the report."""
 
 from __future__ import annotations
 
@@ -32,13 +32,11 @@ def select_case(
 ) -> TransferPlan:
     """Decide the case (and cut), write the decision report and publish it."""
     probe = None
-    if (
-        strategy.planned_case(counts, similarity, cfg.strategy) == 2
-        and cfg.strategy.cut_block is None
-    ):
+    if strategy.needs_probe(counts, similarity, cfg.strategy):
         manifest = read_manifest(usable_manifest)
         train = load_splits(manifest, list(counts.classes), engine, prep)["train"]
-        probe = strategy.probe_cuts(train.features, train.labels, cfg.seed)
+        prefer = strategy.probe_preference(similarity, cfg.strategy)
+        probe = strategy.probe_cuts(train.features, train.labels, cfg.seed, prefer)
     plan = strategy.select_case(counts, similarity, cfg.strategy, probe)
     publish_decision(counts, similarity, plan, run_dir)
     get_run_logger().info(plan.reason)

@@ -81,6 +81,14 @@ def log_and_register(
         for step, epoch in enumerate(trained.history):
             tracking.log_metrics(run_id, epoch, step=step, tracking_uri=uri)
         scalars = {f"{name}_accuracy": m.accuracy for name, m in metrics.items()}
+        for name, m in metrics.items():  # every accuracy with its n and 95% interval
+            scalars |= {
+                f"{name}_n": m.n,
+                f"{name}_accuracy_low": m.accuracy_low,
+                f"{name}_accuracy_high": m.accuracy_high,
+                f"{name}_balanced_accuracy": m.balanced_accuracy,
+                f"{name}_macro_f1": m.macro_f1,
+            }
         scalars |= {
             "similarity": similarity.score,
             "similarity_low": similarity.low,

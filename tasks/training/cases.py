@@ -48,9 +48,10 @@ def train_model(
         cfg.seed,
     )
     result = cases.train_case(job)
-    evaluation.plot_learning_curve(
-        result.history, run_dir / "learning_curve.png", f"case {plan.case}"
-    )
+    if result.history:  # a fine-tune's epochs; a frozen head is one convex fit
+        evaluation.plot_learning_curve(
+            result.history, run_dir / "learning_curve.png", f"case {plan.case}"
+        )
     get_run_logger().info(
         "trained case %d on %s in %.1f s: val accuracy %.4f",
         plan.case,

@@ -83,4 +83,44 @@ def test_probe_prefers_the_earliest_cut_within_noise() -> None:
     assert probe.means[0] < 0.6 and probe.means[1] > 0.95
     assert probe.chosen == "block1"
     plan = select_case(_counts(50), _similarity(0.1), StrategyConfig(), probe)
-    assert plan.cut == "block1" and "probe" in plan.reason
+    assert plan.cut == "block1" and "cross-validation" in plan.reason
+
+
+def _two_cut_features(head_signal: float, block_signal: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1, 2], 60)
+    onehot = np.eye(3)[y]
+    feats = {
+        "block5": np.hstack(
+            [onehot * block_signal + rng.normal(size=(180, 3)), rng.normal(size=(180, 10))]
+        ),
+        "head": np.hstack(
+            [onehot * head_signal + rng.normal(size=(180, 3)), rng.normal(size=(180, 10))]
+        ),
+    }
+    return feats, y
+
+
+def test_similar_data_keeps_the_head_on_a_tie() -> None:
+    feats, y = _two_cut_features(head_signal=3.0, block_signal=3.0)
+    probe = probe_cuts(feats, y, seed=0, prefer="head")
+    assert probe.chosen == "head"
+    plan = select_case(_counts(50), _similarity(0.9), StrategyConfig(), probe)
+    assert plan.case == 1 and plan.cut is None
+
+
+def test_similar_data_moves_to_an_earlier_cut_that_clearly_wins() -> None:
+    # The head's features carry little class signal, block5's a lot: measured, not assumed.
+    feats, y = _two_cut_features(head_signal=0.3, block_signal=3.0)
+    probe = probe_cuts(feats, y, seed=0, prefer="head")
+    assert probe.means[probe.cuts.index("block5")] > probe.means[probe.cuts.index("head")] + 0.2
+    plan = select_case(_counts(50), _similarity(0.9), StrategyConfig(), probe)
+    assert (plan.case, plan.cut) == (2, "block5")
+    assert "moves the frozen case from 1 to 2" in plan.reason
+
+
+def test_probe_is_deterministic_for_a_seed() -> None:
+    feats, y = _two_cut_features(head_signal=1.0, block_signal=1.2, seed=3)
+    first = probe_cuts(feats, y, seed=5)
+    again = probe_cuts(feats, y, seed=5)
+    assert first == again

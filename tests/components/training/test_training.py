@@ -43,7 +43,7 @@ def _job(setup, plan, cfg: TrainConfig, run_dir: Path) -> TrainingJob:
 
 
 def _cfg(**kw) -> TrainConfig:
-    return TrainConfig(finetune_epochs=1, head_epochs=30, batch_size=32, num_workers=0, **kw)
+    return TrainConfig(finetune_epochs=1, batch_size=32, num_workers=0, **kw)
 
 
 @pytest.mark.parametrize("case", [1, 2])
@@ -71,7 +71,7 @@ def test_fine_tune_resumes_from_its_checkpoint(setup, tmp_path: Path) -> None:
     manifest = setup[0]
     plan = _plan(manifest, 3)
     first = train_case(_job(setup, plan, _cfg(), tmp_path))
-    cfg = TrainConfig(finetune_epochs=2, head_epochs=30, batch_size=32, num_workers=0)
+    cfg = TrainConfig(finetune_epochs=2, batch_size=32, num_workers=0)
     second = train_case(_job(setup, plan, cfg, tmp_path))
     attempt = next(a for a in second.attempts if a["init"] == "pretrained")
     assert attempt["resumed_from_epoch"] == 1

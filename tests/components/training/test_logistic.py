@@ -1,0 +1,61 @@
+"""The convex head: the same answer as scikit-learn's solver, penalty chosen by CV, exact shortcuts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from components.training.logistic import Standardiser, cv_curve, fit_logistic
+
+
+def _blobs(n_per_class: int, dims: int, classes: int, spread: float, seed: int):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dims)) * 2.0
+    x = np.concatenate([c + spread * rng.normal(size=(n_per_class, dims)) for c in centres])
+    y = np.repeat(np.arange(classes), n_per_class)
+    return x.astype(np.float32), y
+
+
+@pytest.mark.parametrize("dims", [8, 300])  # fewer rows than features takes the span shortcut
+def test_matches_sklearn_at_the_same_penalty(dims: int) -> None:
+    x, y = _blobs(40, dims, 3, spread=3.0, seed=1)
+    z = Standardiser.fit(x).apply(x)
+    fit, curve = fit_logistic(z, y, 3, seed=0, cs=(0.05,))
+    assert curve is None and fit.c == 0.05
+    reference = LogisticRegression(C=0.05, max_iter=5000, tol=1e-10).fit(z, y)
+    # z is already standardised, so the folded layer is (nearly) the solver's own weights.
+    np.testing.assert_allclose(fit.weight, reference.coef_, atol=2e-3)
+    centred = fit.bias - fit.bias.mean()
+    np.testing.assert_allclose(
+        centred, reference.intercept_ - reference.intercept_.mean(), atol=2e-3
+    )
+    np.testing.assert_array_equal(fit.predict(z), reference.predict(z))
+
+
+def test_penalty_chosen_by_cross_validation_is_not_the_weakest_on_noisy_data() -> None:
+    # Many noisy features, few rows: an unpenalised fit memorises, CV must pick a real penalty.
+    x, y = _blobs(30, 400, 2, spread=12.0, seed=2)
+    cs = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    curve = cv_curve(Standardiser.fit(x).apply(x), y, 2, cs, folds=5, seed=0)
+    assert curve.folds == 5 and len(curve.means) == len(cs)
+    assert curve.best < len(cs) - 1
+    assert max(curve.means) > 0.6
+
+
+def test_deterministic_for_a_seed_and_folds_capped_by_the_rarest_class() -> None:
+    x, y = _blobs(20, 16, 3, spread=2.0, seed=3)
+    y = y.copy()
+    y[:17] = 1  # class 0 keeps only 3 rows
+    first, c1 = fit_logistic(x, y, 3, seed=7)
+    second, c2 = fit_logistic(x, y, 3, seed=7)
+    assert c1 is not None and c2 is not None and c1.folds == 3
+    assert c1.means == c2.means and first.c == second.c
+    np.testing.assert_array_equal(first.weight, second.weight)
+
+
+def test_folded_layer_takes_raw_features() -> None:
+    x, y = _blobs(50, 12, 4, spread=1.0, seed=4)
+    x = x * 100 + 5000  # far from standardised: a missing unfold would show
+    fit, _ = fit_logistic(x, y, 4, seed=0)
+    assert fit.accuracy(x, y) > 0.95
