@@ -11,9 +11,10 @@ here silently trains a model on the wrong labels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
-from components.common.errors import LayoutError
+from components.common.errors import DataValidationError, LayoutError
 from components.data.tree import Entry, FolderWalk
 
 SPLIT_ALIASES = {
@@ -164,3 +165,14 @@ def detect_layout(walk: FolderWalk) -> Layout:
     if splits:
         return _split_layout(walk, splits, loose)
     return _class_layout(walk, others, loose)
+
+
+def open_layout(root: Path, follow_external_links: bool = False) -> tuple[FolderWalk, Layout]:
+    """A walk over ``root`` and its layout; cheap (folder names only), so callers can check early."""
+    root = Path(root)
+    if not root.exists():
+        raise DataValidationError(f"dataset folder {root} does not exist")
+    if not root.is_dir():
+        raise DataValidationError(f"dataset path {root} is a file, not a folder of class folders")
+    walk = FolderWalk(root, follow_external_links)
+    return walk, detect_layout(walk)

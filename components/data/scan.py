@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from components.common.config import DataConfig, ValidationConfig
 from components.common.errors import DataValidationError
-from components.data.layout import Layout, detect_layout
+from components.data.layout import Layout, open_layout
 from components.data.tree import Entry, FolderWalk, Skipped
 from components.engine.images import refuse_bombs
 
@@ -226,12 +226,7 @@ def _summarise(walk: FolderWalk, layout: Layout, notes: list[str], n_other: int)
 def scan_folder(root: Path, cfg: DataConfig, validation: ValidationConfig, seed: int) -> ScanResult:
     """Walk ``root``, decide its layout, and read each image file once into the manifest."""
     root = Path(root)
-    if not root.exists():
-        raise DataValidationError(f"dataset folder {root} does not exist")
-    if not root.is_dir():
-        raise DataValidationError(f"dataset path {root} is a file, not a folder of class folders")
-    walk = FolderWalk(root, cfg.follow_external_links)
-    layout = detect_layout(walk)
+    walk, layout = open_layout(root, cfg.follow_external_links)
     found, notes, n_other = _collect(walk, layout, cfg)
     if not found:
         raise DataValidationError(

@@ -76,6 +76,7 @@ class FolderWalk:
         self.clutter_examples: list[str] = []
         self.skipped: list[Skipped] = []
         self.external_links: list[str] = []
+        self._listed: dict[Path, list[Entry]] = {}  # each folder listed (and counted) once
 
     def top(self) -> Entry:
         """The data folder itself, as an entry to list."""
@@ -88,6 +89,8 @@ class FolderWalk:
 
     def entries(self, folder: Entry) -> list[Entry]:
         """``folder``'s children that may be data, sorted by name; the rest counted or recorded."""
+        if folder.path in self._listed:
+            return self._listed[folder.path]
         try:
             names = sorted(os.listdir(folder.path))
         except OSError as err:
@@ -100,6 +103,7 @@ class FolderWalk:
             entry = self._entry(folder, folder.path / name)
             if entry is not None:
                 found.append(entry)
+        self._listed[folder.path] = found
         return found
 
     def files_under(self, folder: Entry, _seen: frozenset[Path] = frozenset()) -> Iterator[Entry]:
