@@ -177,7 +177,9 @@ def test_scan_summary_is_in_the_validation_report(tmp_path: Path) -> None:
     _clutter(root)
     (root / "cat" / "gone.png").symlink_to(root / "cat" / "deleted.png")
     result = _scan(root)
-    report = validate_manifest(result.manifest, ValidationConfig(), tmp_path / "out", result.summary)
+    report = validate_manifest(
+        result.manifest, ValidationConfig(), tmp_path / "out", result.summary
+    )
     saved = json.loads(report.json_path.read_text())["report"]["scan"]
     assert saved["clutter"] == {"hidden": 9, "__MACOSX": 3, "Thumbs.db": 2}
     assert saved["skipped"] == [{"path": "cat/gone.png", "reason": saved["skipped"][0]["reason"]}]
