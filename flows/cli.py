@@ -60,6 +60,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"similarity {sim['score']:.2f} (90% interval {sim['low']:.2f}-{sim['high']:.2f}, "
         f"mean BatchNorm KL {sim['mean_kl']:.2f}){profile}"
     )
+    scan = summary.get("scan") or {}
+    for note in scan.get("notes", []):
+        print(f"note: {note}")
+    if scan.get("clutter_summary"):
+        print(scan["clutter_summary"])
+    if scan.get("skipped"):
+        print(f"skipped {len(scan['skipped'])} entr{'y' if len(scan['skipped']) == 1 else 'ies'}:")
+        for s in scan["skipped"][:10]:
+            print(f"  {s['path']}: {s['reason']}")
     if summary.get("quarantined"):
         print(f"quarantined {len(summary['quarantined'])} file(s):")
         for q in summary["quarantined"][:10]:
