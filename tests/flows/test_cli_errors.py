@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 from prefect import flow, task
 
-from components.common.errors import DataValidationError
+from components.common.config import build_config
+from components.common.errors import ConfigError, DataValidationError
 from flows.cli import main
+from tasks.common.context import make_context
 from tasks.common.logs import RUN_LOGGERS, quiet_user_errors
 from tests.conftest import write_photo
 
@@ -137,6 +139,12 @@ def test_a_bad_model_uri_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert "no MLflow store at" in err and "Traceback" not in err
     assert not out.exists()  # asking created no empty store
+
+
+def test_an_output_dir_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"output_dir .*out: cannot create the run folder"):
+        make_context(tmp_path, build_config({"output_dir": str(tmp_path / "out")}))
 
 
 @task
