@@ -14,6 +14,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -23,6 +24,8 @@ from components.data.scan import inspect_file, scan_folder
 from components.engine.images import Preprocessing, decode_batch
 from tests.conftest import write_photo
 
+# Pillow warns about the damage it reads past (corrupt EXIF, short tags); that is the point here.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 PREP = Preprocessing(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 FUZZ = settings(
     max_examples=60,
