@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader
 from components.common.config import DataConfig, TrainConfig, ValidationConfig
 from components.common.plan import TransferPlan
 from components.data.counting import count_dataset
-from components.data.scan import SPLIT_ALIASES, scan_dataset
+from components.data.layout import SPLIT_ALIASES
+from components.data.scan import scan_dataset
 from components.data.splits import SplitData, load_splits
 from components.engine.backbones import Backbone, fresh_model, load_backbone
 from components.engine.extraction import ExtractionEngine, choose_device

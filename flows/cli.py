@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from components.common.config import PipelineConfig, load_config
-from components.common.errors import PipelineError
+from components.common.errors import ConfigError, PipelineError
 
 
 def _parse_value(text: str) -> Any:
@@ -34,8 +35,8 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
     overrides: dict[str, Any] = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise PipelineError(f"--set expects KEY=VALUE (e.g. train.device=cpu), got {item!r}")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. train.device=cpu), got {item!r}")
         overrides[key] = _parse_value(value)
     if getattr(args, "case", None) and args.case != "auto":
         overrides["strategy.case"] = int(args.case)
@@ -59,6 +60,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"similarity {sim['score']:.2f} (90% interval {sim['low']:.2f}-{sim['high']:.2f}, "
         f"mean BatchNorm KL {sim['mean_kl']:.2f}){profile}"
     )
+    scan = summary.get("scan") or {}
+    for note in scan.get("notes", []):
+        print(f"note: {note}")
+    if scan.get("clutter_summary"):
+        print(scan["clutter_summary"])
+    if scan.get("skipped"):
+        print(f"skipped {len(scan['skipped'])} entr{'y' if len(scan['skipped']) == 1 else 'ies'}:")
+        for s in scan["skipped"][:10]:
+            print(f"  {s['path']}: {s['reason']}")
     if summary.get("quarantined"):
         print(f"quarantined {len(summary['quarantined'])} file(s):")
         for q in summary["quarantined"][:10]:
@@ -102,13 +112,27 @@ def start_prefect_api_early() -> threading.Thread | None:
     return thread
 
 
-def _run_flow(kind: str, data: str, cfg: PipelineConfig, as_json: bool) -> int:
+def check_layout(data: str, cfg: PipelineConfig) -> None:
+    """Refuse a missing folder or an ambiguous layout now, in a fraction of a second, rather than
+    after Prefect, torch and the backbone have started; the scan decides again, the same way."""
+    from components.data.layout import open_layout
+
+    open_layout(Path(data), cfg.data.follow_external_links)
+
+
+def _run_flow(kind: str, data: str, cfg: PipelineConfig, as_json: bool, debug: bool = False) -> int:
+    check_layout(data, cfg)
     booting = start_prefect_api_early()
     from flows.transfer import FLOWS
+    from tasks.common.logs import quiet_user_errors
 
     if booting is not None:
         booting.join()  # a failed start is retried, and reported, by the flow call itself
-    summary = FLOWS[kind](data=data, config=cfg)
+    if debug:
+        summary = FLOWS[kind](data=data, config=cfg)
+    else:
+        with quiet_user_errors():
+            summary = FLOWS[kind](data=data, config=cfg)
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
     else:
@@ -117,11 +141,11 @@ def _run_flow(kind: str, data: str, cfg: PipelineConfig, as_json: bool) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    return _run_flow("run", args.data, _config(args), args.json)
+    return _run_flow("run", args.data, _config(args), args.json, args.debug)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    return _run_flow("plan", args.data, _config(args), args.json)
+    return _run_flow("plan", args.data, _config(args), args.json, args.debug)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -130,13 +154,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     cfg = _config(args)
     data = materialise_digits(cfg.output_dir / "demo-data" / "digits")
     print(f"demo data: scikit-learn's handwritten digits written to {data}", file=sys.stderr)
-    return _run_flow("run", str(data), cfg, args.json)
+    return _run_flow("run", str(data), cfg, args.json, args.debug)
 
 
 def _cmd_serve_schedule(args: argparse.Namespace) -> int:
     from flows.transfer import transfer_flow
 
     cfg = _config(args)
+    check_layout(args.data, cfg)
     transfer_flow.serve(
         name=args.name,
         cron=args.cron,
@@ -170,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--output-dir", type=Path, help="where runs, the feature cache and mlruns go"
         )
+        p.add_argument("--debug", action="store_true", help="show the traceback of an error, too")
 
     for name, func, text in (
         ("run", _cmd_run, "train, export and register a model"),
@@ -224,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PipelineError as err:
+        # The user's to fix (data, layout, config, a model URI): the message is the whole story.
+        if args.debug:
+            traceback.print_exc()
         print(f"transfer-pipeline: error: {err}", file=sys.stderr)
         return 2
 

@@ -87,9 +87,9 @@ def decide(data: str, cfg: PipelineConfig, clock: StageClock) -> Decision:
     with clock.stage("load_backbone"):
         engine = open_engine(cfg, ctx.cache_dir)
     with clock.stage("scan"):
-        manifest = scan_dataset(ctx, cfg.data, cfg.validation, cfg.seed)
+        manifest, scanned = scan_dataset(ctx, cfg.data, cfg.validation, cfg.seed)
     with clock.stage("validate"):
-        validation = validate_dataset(manifest, cfg.validation, ctx.run_dir)
+        validation = validate_dataset(manifest, cfg.validation, ctx.run_dir, scanned)
     with clock.stage("count"):
         counts = count_dataset(validation.usable_manifest_path)
     prep, reason = input_preprocessing(counts, engine.native, cfg)
@@ -131,6 +131,7 @@ def _decision_summary(d: Decision) -> dict[str, Any]:
         "probe": None if d.plan.probe is None else asdict(d.plan.probe),
         "verification": d.plan.verification,
         "quarantined": [{"path": q.path, "reason": q.reason} for q in d.validation.quarantined],
+        "scan": None if d.validation.scan is None else d.validation.scan.to_dict(),
         "image_size": d.prep.image_size,
         "image_size_reason": d.image_size_reason,
         "run_dir": str(d.ctx.run_dir),

@@ -6,17 +6,45 @@ silently ignored. Defaults live on the fields; ``docs/decisions.md`` explains th
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from components.common.errors import ConfigError
 
 
+def _numeric_only(annotation: Any) -> bool:
+    """Whether a field takes numbers but not booleans (``int``, ``float``, numeric literals)."""
+    if annotation is bool:
+        return False
+    if annotation in (int, float):
+        return True
+    origin = get_origin(annotation)
+    if origin is Literal:
+        values = get_args(annotation)
+        return not any(isinstance(v, bool) for v in values) and any(
+            isinstance(v, int | float) for v in values
+        )
+    if origin in (Union, types.UnionType):
+        args = get_args(annotation)
+        return bool not in args and any(_numeric_only(a) for a in args)
+    return False
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1: `--set train.batch_size=true` must not mean 1.
+        # Strict types would also refuse what YAML writes as text (1e-3), so only booleans go.
+        if isinstance(value, bool) and _numeric_only(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, not a boolean")
+        return value
 
 
 class DataConfig(_Section):
@@ -34,6 +62,9 @@ class DataConfig(_Section):
     )
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.15, ge=0, lt=0.5)
+    # Symbolic links that lead out of the data folder stop the scan unless this is true: files
+    # outside the folder are not part of the dataset anyone reviewed.
+    follow_external_links: bool = False
     # Name used for the Prefect run, the MLflow experiment and the registered model.
     name: str | None = None
 
@@ -152,7 +183,8 @@ def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+        message = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{key}: {message} (got {e.get('input')!r})")
     return "; ".join(lines)
 
 
@@ -164,24 +196,60 @@ def build_config(values: dict[str, Any] | None = None) -> PipelineConfig:
         raise ConfigError(f"invalid configuration: {_describe(err)}") from None
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML file; an unreadable, non-UTF-8 or malformed file is a ConfigError."""
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+            f"offset {err.start}); save it as UTF-8"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded
+
+
+def _apply_override(values: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if not all(part.strip() for part in parts):
+        raise ConfigError(f"override key {dotted!r} has an empty part; write e.g. train.device")
+    node = values
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            section = ".".join(parts[: depth + 1])
+            raise ConfigError(
+                f"cannot set {dotted}: {section} is already set to {child!r}, not a section"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
 def load_config(
     path: Path | None = None, overrides: dict[str, Any] | None = None
 ) -> PipelineConfig:
     """Read ``pipeline.yaml`` (if given) and apply dotted-key overrides such as ``train.device``."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        values = loaded
+    values = _read_yaml(Path(path)) if path is not None else {}
     for dotted, value in (overrides or {}).items():
-        node = values
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        _apply_override(values, dotted, value)
     return build_config(values)
 
 

@@ -1,3 +1,3 @@
-"""The user's folder as data: scanning into a manifest, Great Expectations validation,
-counts per class and split, and per-split arrays for the later stages.
+"""The user's folder as data: its layout (decided or refused), a walk past clutter and links,
+scanning into a manifest, Great Expectations validation, counts, and per-split arrays.
 """

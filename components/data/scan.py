@@ -1,8 +1,9 @@
 """Scanning a labelled image folder into a manifest: one row per file, nothing moved or rewritten.
 
-Two layouts are understood: ``ROOT/<class>/*`` (we make a seeded, stratified split) and
-``ROOT/{train,val[,test]}/<class>/*`` (splits kept as given). Every file is read once here to hash
-and decode it, so later stages can trust the manifest instead of touching the disk again.
+Which folders are classes and splits is decided in ``layout`` (or refused there), what is clutter
+and which links are followed in ``tree``. Every image file is read once here to hash and decode
+it, so later stages can trust the manifest instead of touching the disk again; what was left out
+is kept in a ``ScanSummary`` for the validation report.
 """
 
 from __future__ import annotations
@@ -10,14 +11,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from components.common.config import DataConfig, ValidationConfig
 from components.common.errors import DataValidationError
+from components.data.layout import Layout, open_layout
+from components.data.tree import Entry, FolderWalk, Skipped
 from components.engine.images import refuse_bombs
 
 log = logging.getLogger(__name__)
@@ -36,13 +42,57 @@ MANIFEST_COLUMNS = (
     "decodable",
     "error",
 )
-SPLIT_ALIASES = {
-    "train": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-}
+_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class ScanSummary:
+    """What the scan decided and what it left out, for the validation report and the run JSON."""
+
+    layout: str  # "classes" or "splits"
+    notes: tuple[str, ...] = ()
+    clutter: dict[str, int] = field(default_factory=dict)  # category -> entries ignored
+    clutter_examples: tuple[str, ...] = ()
+    skipped: tuple[Skipped, ...] = ()
+    non_image_files: int = 0
+
+    def clutter_line(self) -> str | None:
+        """One line such as "ignored 14 clutter entries: 9 hidden, 3 __MACOSX, 2 Thumbs.db"."""
+        total = sum(self.clutter.values())
+        if not total:
+            return None
+        parts = ", ".join(f"{n} {kind}" for kind, n in self.clutter.items())
+        return f"ignored {total} clutter {'entry' if total == 1 else 'entries'}: {parts}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layout": self.layout,
+            "notes": list(self.notes),
+            "clutter": dict(self.clutter),
+            "clutter_total": sum(self.clutter.values()),
+            "clutter_summary": self.clutter_line(),
+            "clutter_examples": list(self.clutter_examples),
+            "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped],
+            "non_image_files": self.non_image_files,
+        }
+
+    def to_markdown(self) -> list[str]:
+        """Lines for the validation report: layout, notes, clutter and skipped entries."""
+        lines = [f"Layout: {self.layout} folders."]
+        lines += [f"- {note}" for note in self.notes]
+        if (line := self.clutter_line()) is not None:
+            lines.append(f"- {line}")
+        for s in self.skipped:
+            lines.append(f"- skipped {s.path}: {s.reason}")
+        return lines
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """The manifest (columns ``MANIFEST_COLUMNS``) and what the scan left out of it."""
+
+    manifest: pd.DataFrame
+    summary: ScanSummary
 
 
 def _hash_file(path: Path) -> tuple[bytes, str]:
@@ -69,46 +119,67 @@ def inspect_file(path: Path, max_pixels: int) -> dict[str, object]:
         return {**row, "decodable": False, "error": f"decompression bomb: {err}"}
     except UnidentifiedImageError:
         return {**row, "decodable": False, "error": "not an image Pillow can identify"}
-    except (OSError, SyntaxError, ValueError) as err:
-        return {**row, "decodable": False, "error": f"cannot decode: {err}"}
+    except Exception as err:
+        # Pillow's decoders raise whatever a malformed file trips (OSError, SyntaxError,
+        # struct.error, IndexError, EOFError...): each says something about the file, not a bug.
+        return {**row, "decodable": False, "error": f"cannot decode: {err or type(err).__name__}"}
     return {**row, "decodable": True}
 
 
-def _is_image(path: Path, extensions: tuple[str, ...]) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in extensions
+def _shown(paths: list[str]) -> str:
+    more = len(paths) - _SHOWN
+    return ", ".join(paths[:_SHOWN]) + (f" and {more} more" if more > 0 else "")
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _is_image(entry: Entry, extensions: tuple[str, ...]) -> bool:
+    return entry.path.suffix.lower() in {e.lower() for e in extensions}
 
 
-def _collect(root: Path, cfg: DataConfig) -> tuple[list[tuple[Path, str, str | None]], bool]:
-    """(path, label, split or None) for every image file, and whether splits were given."""
-    subdirs = {p.name.lower(): p for p in _class_dirs(root)}
-    split_dirs = {SPLIT_ALIASES[n]: p for n, p in subdirs.items() if n in SPLIT_ALIASES}
-    has_splits = "train" in split_dirs and len(split_dirs) >= 2
-    sources = split_dirs.items() if has_splits else [(None, root)]
-    found: list[tuple[Path, str, str | None]] = []
-    files_per_class: dict[str, int] = {}
-    ignored: list[Path] = []
-    for split, folder in sources:
-        for class_dir in _class_dirs(folder):
-            files = [p for p in sorted(class_dir.rglob("*")) if p.is_file()]
-            images = [p for p in files if _is_image(p, cfg.extensions)]
-            ignored += [p for p in files if p not in images]
-            files_per_class[class_dir.name] = files_per_class.get(class_dir.name, 0) + len(images)
-            found += [(p, class_dir.name, split) for p in images]
+def _collect(
+    walk: FolderWalk, layout: Layout, cfg: DataConfig
+) -> tuple[list[tuple[Entry, str, str | None]], list[str], int]:
+    """(file, label, split or None) for every image under a class folder, notes, non-images."""
+    found: list[tuple[Entry, str, str | None]] = []
+    files_per_class: Counter[str] = Counter()
+    nested: dict[str, set[str]] = {}
+    other: list[str] = []
+    for source in layout.sources:
+        for class_dir in source.classes:
+            files_per_class[class_dir.name] += 0
+            for entry in walk.files_under(class_dir):
+                if not _is_image(entry, cfg.extensions):
+                    other.append(walk.relative(entry.path))
+                    continue
+                files_per_class[class_dir.name] += 1
+                found.append((entry, class_dir.name, source.split))
+                if entry.path.parent != class_dir.path:
+                    below = entry.path.relative_to(class_dir.path).parts[0]
+                    nested.setdefault(class_dir.name, set()).add(below)
+    walk.refuse_external_links()
     empty = sorted(c for c, n in files_per_class.items() if n == 0)
     if empty:
         raise DataValidationError(
-            f"class folder(s) {', '.join(empty)} under {root} contain no image files; "
+            f"class folder(s) {', '.join(empty)} under {walk.root} contain no image files; "
             "remove the folder or add images (accepted extensions: "
             f"{', '.join(cfg.extensions)})"
         )
-    if ignored:
-        shown = ", ".join(str(p.relative_to(root)) for p in ignored[:5])
-        log.warning("ignored %d non-image file(s) under %s: %s", len(ignored), root, shown)
-    return found, has_splits
+    notes = list(layout.notes)
+    if nested:
+        listed = "; ".join(
+            f"{label}/ ({', '.join(sorted(subs)[:_SHOWN])})"
+            for label, subs in sorted(nested.items())
+        )
+        notes.append(f"images in sub-folders take their class folder's label: {listed}")
+    unlabelled = [walk.relative(e.path) for e in layout.loose if _is_image(e, cfg.extensions)]
+    if unlabelled:
+        notes.append(
+            f"{len(unlabelled)} image file(s) lie outside any class folder and are not used "
+            f"(a label is only ever a class folder's name): {_shown(unlabelled)}"
+        )
+    if other:
+        notes.append(f"ignored {len(other)} non-image file(s): {_shown(other)}")
+    n_other = len(other) + len(layout.loose) - len(unlabelled)
+    return found, notes, n_other
 
 
 def _stable_rank(relpath: str, seed: int) -> str:
@@ -133,16 +204,30 @@ def assign_splits(
     return split
 
 
-def scan_dataset(
-    root: Path, cfg: DataConfig, validation: ValidationConfig, seed: int
-) -> pd.DataFrame:
-    """Walk ``root`` and return the manifest (columns ``MANIFEST_COLUMNS``), reading each file once."""
+def _summarise(walk: FolderWalk, layout: Layout, notes: list[str], n_other: int) -> ScanSummary:
+    clutter = dict(sorted(walk.clutter.items(), key=lambda kv: (-kv[1], kv[0])))
+    summary = ScanSummary(
+        layout=layout.kind,
+        notes=tuple(notes),
+        clutter=clutter,
+        clutter_examples=tuple(walk.clutter_examples),
+        skipped=tuple(walk.skipped),
+        non_image_files=n_other,
+    )
+    for note in summary.notes:
+        log.info("%s: %s", walk.root, note)
+    if (line := summary.clutter_line()) is not None:
+        log.info("%s: %s", walk.root, line)
+    for s in summary.skipped[:20]:
+        log.warning("skipped %s: %s", s.path, s.reason)
+    return summary
+
+
+def scan_folder(root: Path, cfg: DataConfig, validation: ValidationConfig, seed: int) -> ScanResult:
+    """Walk ``root``, decide its layout, and read each image file once into the manifest."""
     root = Path(root)
-    if not root.exists():
-        raise DataValidationError(f"dataset folder {root} does not exist")
-    if not root.is_dir():
-        raise DataValidationError(f"dataset path {root} is a file, not a folder of class folders")
-    found, has_splits = _collect(root, cfg)
+    walk, layout = open_layout(root, cfg.follow_external_links)
+    found, notes, n_other = _collect(walk, layout, cfg)
     if not found:
         raise DataValidationError(
             f"no images found under {root}: expected ROOT/<class>/<image> or "
@@ -150,21 +235,23 @@ def scan_dataset(
         )
     workers = min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        details = list(pool.map(lambda f: inspect_file(f[0], validation.max_image_pixels), found))
+        details = list(
+            pool.map(lambda f: inspect_file(f[0].path, validation.max_image_pixels), found)
+        )
     rows = [
         {
-            "path": str(p.resolve()),
-            "relpath": str(p.relative_to(root)),
+            "path": str(entry.path),
+            "relpath": walk.relative(entry.path),
             "label": label,
             "split": split or "",
             **detail,
         }
-        for (p, label, split), detail in zip(found, details, strict=True)
+        for (entry, label, split), detail in zip(found, details, strict=True)
     ]
     frame = pd.DataFrame(rows)
-    if not has_splits:
+    if layout.kind == "classes":
         frame["split"] = assign_splits(frame, cfg, seed)
-    elif not (frame["split"] == "val").any():
+    elif not layout.has_val:
         # train/ and test/ but no val/: early stopping and model choice need a validation set,
         # and taking it from test/ would leak; so it comes out of train/, as for a flat folder.
         train = frame["split"] == "train"
@@ -174,11 +261,19 @@ def scan_dataset(
             root,
             int((frame["split"] == "val").sum()),
         )
+    summary = _summarise(walk, layout, notes, n_other)
     bad = frame[~frame["decodable"]]
     for _, row in bad.head(20).iterrows():
         log.warning("%s: %s", row["relpath"], row["error"])
     log.info("scanned %d files under %s (%d not decodable)", len(frame), root, len(bad))
-    return frame.loc[:, list(MANIFEST_COLUMNS)]
+    return ScanResult(frame.loc[:, list(MANIFEST_COLUMNS)], summary)
+
+
+def scan_dataset(
+    root: Path, cfg: DataConfig, validation: ValidationConfig, seed: int
+) -> pd.DataFrame:
+    """The manifest alone (columns ``MANIFEST_COLUMNS``), for callers that need no summary."""
+    return scan_folder(root, cfg, validation, seed).manifest
 
 
 def read_manifest(path: Path) -> pd.DataFrame:

@@ -18,6 +18,7 @@ import pandas as pd
 from components.common.config import ValidationConfig
 from components.common.errors import DataValidationError
 from components.data import gx_suite
+from components.data.scan import ScanSummary
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class ValidationReport:
     usable_manifest_path: Path
     json_path: Path
     docs_path: Path | None
+    scan: ScanSummary | None = None  # layout, notes, clutter and skipped entries of the scan
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +80,7 @@ class ValidationReport:
             "usable_manifest_path": str(self.usable_manifest_path),
             "json_path": str(self.json_path),
             "docs_path": None if self.docs_path is None else str(self.docs_path),
+            "scan": None if self.scan is None else self.scan.to_dict(),
         }
 
     def to_markdown(self) -> str:
@@ -90,6 +93,8 @@ class ValidationReport:
         ]
         if self.failures:
             lines += ["", "### Failures", "", *(f"- {f}" for f in self.failures)]
+        if self.scan is not None:
+            lines += ["", "### Scan", "", *(_cell(line) for line in self.scan.to_markdown())]
         lines += ["", "### Checks", "", "| check | ok | unexpected | detail |", "|---|---|---|---|"]
         for e in self.expectations:
             ok = "yes" if e.success else "**no**"
@@ -245,11 +250,12 @@ def _dataset_failures(
 
 
 def validate_manifest(
-    manifest: pd.DataFrame, cfg: ValidationConfig, out_dir: Path
+    manifest: pd.DataFrame, cfg: ValidationConfig, out_dir: Path, scan: ScanSummary | None = None
 ) -> ValidationReport:
     """Quarantine bad or duplicated files, judge the rest as a dataset, and write the evidence.
 
-    Writes ``usable_manifest.csv``, ``validation.json`` and GX Data Docs under ``out_dir``.
+    Writes ``usable_manifest.csv``, ``validation.json`` and GX Data Docs under ``out_dir``; the
+    scan's summary (``scan``), when given, goes into the report so it shows what was left out.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -294,6 +300,7 @@ def validate_manifest(
         usable_manifest_path=usable_path,
         json_path=out_dir / "validation.json",
         docs_path=gx_suite.build_docs(context, out_dir / "data_docs"),
+        scan=scan,
     )
     payload = {
         "report": report.to_dict(),

@@ -29,6 +29,7 @@ from mlflow.types import Schema, TensorSpec
 from mlflow.utils.uri import is_databricks_uri
 
 from components.common.config import TrackingConfig
+from components.common.errors import ModelUriError
 
 logger = logging.getLogger(__name__)
 
@@ -258,17 +259,16 @@ def register_onnx_model(
     return result
 
 
-def _resolve_version(client: MlflowClient, model_uri: str) -> tuple[str, str]:
+def _parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
+    """(name, version, alias) of ``models:/name/3`` or ``models:/name@alias``."""
     match = _MODEL_URI.fullmatch(model_uri)
     if match is None:
-        raise ValueError(
+        raise ModelUriError(
             f"model URI {model_uri!r} must look like models:/<name>/<version> "
             "or models:/<name>@<alias>"
         )
     name, version, alias = match.group("name", "version", "alias")
-    if alias is not None:
-        version = client.get_model_version_by_alias(name, alias).version
-    return name, str(version)
+    return name, version, alias
 
 
 def load_registered(
@@ -280,9 +280,23 @@ def load_registered(
     The version is resolved through this URI's client: MLflow's ``models:/`` download path
     consults the global registry URI instead.
     """
+    name, version, alias = _parse_model_uri(model_uri)
+    db = _sqlite_file(tracking_uri)
+    if db is not None and not db.is_file():
+        # Asking would create an empty store there; nothing can be registered in it yet.
+        raise ModelUriError(
+            f"cannot load {model_uri}: there is no MLflow store at {db} (set output_dir to the "
+            "one the model was trained with, or tracking.tracking_uri / MLFLOW_TRACKING_URI)"
+        )
     client = _client(tracking_uri)
-    name, version = _resolve_version(client, model_uri)
-    source = client.get_model_version_download_uri(name, version)
+    try:
+        if alias is not None:
+            version = client.get_model_version_by_alias(name, alias).version
+        source = client.get_model_version_download_uri(name, str(version))
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise ModelUriError(f"cannot load {model_uri} from {tracking_uri}: {err.message}") from None
     dst = Path(dst_dir) if dst_dir is not None else Path(tempfile.mkdtemp(prefix="model-"))
     local = Path(
         mlflow.artifacts.download_artifacts(

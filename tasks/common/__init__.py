@@ -1,3 +1,3 @@
-"""What every task shares: the run's folders and identity, and the retry policy.
-Retries are for transient I/O only, never for a deterministic failure.
+"""What every task shares: the run's folders and identity, the retry policy, and quiet logs for
+user errors. Retries are for transient I/O only, never for a deterministic failure.
 """

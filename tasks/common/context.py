@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from components.common.config import PipelineConfig
+from components.common.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,13 @@ def make_context(data_root: Path, cfg: PipelineConfig) -> RunContext:
     name = dataset_name(data_root, cfg)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     run_dir = (cfg.output_dir / "runs" / f"{name}-{stamp}").resolve()
-    run_dir.mkdir(parents=True, exist_ok=False)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except (FileExistsError, NotADirectoryError, PermissionError) as err:
+        raise ConfigError(
+            f"output_dir {cfg.output_dir}: cannot create the run folder {run_dir} "
+            f"({err.strerror or err})"
+        ) from None
     return RunContext(
         name, Path(data_root).resolve(), run_dir, (cfg.output_dir / "cache").resolve()
     )

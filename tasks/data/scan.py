@@ -21,13 +21,15 @@ from tasks.common.policy import transient_only
     retry_condition_fn=transient_only,
     cache_policy=NO_CACHE,
 )
-def scan_dataset(ctx: RunContext, cfg: DataConfig, validation: ValidationConfig, seed: int) -> Path:
-    """Read every file once into ``manifest.csv`` in the run folder."""
-    manifest = scan.scan_dataset(ctx.data_root, cfg, validation, seed)
+def scan_dataset(
+    ctx: RunContext, cfg: DataConfig, validation: ValidationConfig, seed: int
+) -> tuple[Path, scan.ScanSummary]:
+    """Read every file once into ``manifest.csv`` in the run folder; say what was left out."""
+    result = scan.scan_folder(ctx.data_root, cfg, validation, seed)
     path = ctx.run_dir / "manifest.csv"
-    manifest.to_csv(path, index=False)
-    get_run_logger().info("manifest of %d files written to %s", len(manifest), path)
-    return path
+    result.manifest.to_csv(path, index=False)
+    get_run_logger().info("manifest of %d files written to %s", len(result.manifest), path)
+    return path, result.summary
 
 
 @task(name="count", cache_policy=NO_CACHE)

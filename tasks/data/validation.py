@@ -10,15 +10,17 @@ from prefect.cache_policies import NO_CACHE
 
 from components.common.config import ValidationConfig
 from components.data import validation
-from components.data.scan import read_manifest
+from components.data.scan import ScanSummary, read_manifest
 
 
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_dataset(
-    manifest_path: Path, cfg: ValidationConfig, run_dir: Path
+    manifest_path: Path, cfg: ValidationConfig, run_dir: Path, scan: ScanSummary | None = None
 ) -> validation.ValidationReport:
     """Quarantine bad files by listing them; raise ``DataValidationError`` if the dataset is unusable."""
-    report = validation.validate_manifest(read_manifest(manifest_path), cfg, run_dir / "validation")
+    report = validation.validate_manifest(
+        read_manifest(manifest_path), cfg, run_dir / "validation", scan
+    )
     logger = get_run_logger()
     for item in report.quarantined[:20]:
         logger.warning("quarantined %s: %s", item.path, item.reason)

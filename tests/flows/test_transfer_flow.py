@@ -126,6 +126,8 @@ def test_cli_json_summary_and_plan(digits_root: Path, tmp_path: Path, capsys) ->
     shutil.copytree(digits_root, data)
     good = (data / "3" / "0001.png").read_bytes()
     (data / "3" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (data / "__MACOSX" / "3").mkdir(parents=True)
+    (data / "__MACOSX" / "3" / "._0001.png").write_bytes(good)  # clutter: ignored, counted
     (data / "5" / "notes.png").write_text("not an image")
     cfg_file = tmp_path / "pipeline.yaml"
     cfg_file.write_text(json.dumps(_config(tmp_path).model_dump(mode="json")))
@@ -136,6 +138,7 @@ def test_cli_json_summary_and_plan(digits_root: Path, tmp_path: Path, capsys) ->
     quarantined = {Path(q["path"]).name: q["reason"] for q in plan["quarantined"]}
     assert set(quarantined) == {"truncated.png", "notes.png"}
     assert plan["counts"]["total"] == 400
+    assert plan["scan"]["layout"] == "classes" and plan["scan"]["clutter"] == {"__MACOSX": 1}
 
     code = main(
         ["run", "--data", str(digits_root), "--config", str(cfg_file), "--case", "1", "--json"]

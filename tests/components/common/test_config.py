@@ -38,3 +38,48 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
 def test_shipped_example_config_matches_the_defaults() -> None:
     example = Path(__file__).parents[3] / "infra" / "pipeline.example.yaml"
     assert load_config(example) == build_config()
+
+
+@pytest.mark.parametrize(
+    ("key", "section"),
+    [
+        ("batch_size", "train"),  # int
+        ("head_lr", "train"),  # float
+        ("image_size", "train"),  # int | "auto"
+        ("case", "strategy"),  # Literal["auto", 1, 2, 3, 4]
+        ("cut_block", "strategy"),  # int | None
+    ],
+)
+def test_booleans_are_not_numbers(key: str, section: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}: expected a number, not a boolean"):
+        build_config({section: {key: True}})
+
+
+def test_booleans_still_set_boolean_fields_and_text_numbers_still_parse() -> None:
+    cfg = build_config({"data": {"follow_external_links": True}, "train": {"head_lr": "1e-3"}})
+    assert cfg.data.follow_external_links is True and cfg.train.head_lr == 1e-3
+    assert build_config().data.follow_external_links is False
+
+
+def test_unreadable_config_files_are_config_errors(tmp_path: Path) -> None:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("train:\n  device: [cpu\n")
+    with pytest.raises(ConfigError, match=r"pipeline\.yaml is not valid YAML at line 3"):
+        load_config(path)
+    path.write_bytes(b"seed: 1\nname: \xff\n")
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 0xff at offset 14\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_config(tmp_path)
+    path.write_bytes(b"\xef\xbb\xbfseed: 3\n")  # a BOM, as some Windows editors write
+    assert load_config(path).seed == 3
+
+
+def test_overrides_into_a_value_are_refused_and_into_an_empty_section_work(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="train is already set to 5, not a section"):
+        load_config(None, {"train": 5, "train.device": "cpu"})
+    with pytest.raises(ConfigError, match="empty part"):
+        load_config(None, {"train..device": "cpu"})
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("train:\n")  # an empty section reads as null
+    assert load_config(path, {"train.device": "cpu"}).train.device == "cpu"

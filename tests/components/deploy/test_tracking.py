@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from mlflow.models import Model
 
 from components.common.config import ExportConfig, TrackingConfig
+from components.common.errors import ModelUriError
 from components.deploy import tracking
 from components.deploy.export import export_onnx
 from tests.conftest import tiny_classifier
@@ -142,5 +143,24 @@ def test_register_twice_moves_alias_and_round_trips(
 
 def test_load_registered_names_accepted_uri_forms(store: tuple[TrackingConfig, Path, str]) -> None:
     _, _, uri = store
-    with pytest.raises(ValueError, match="models:/<name>/<version>"):
+    with pytest.raises(ModelUriError, match="models:/<name>/<version>"):
         tracking.load_registered("runs:/abc/model", uri)
+
+
+def test_load_registered_names_what_is_missing(
+    store: tuple[TrackingConfig, Path, str], onnx_file: Path
+) -> None:
+    """A user error (exit 2 in the CLI), and no empty store left behind where none was."""
+    cfg, output_dir, uri = store
+    with pytest.raises(ModelUriError, match=r"no MLflow store at .*mlflow\.db"):
+        tracking.load_registered("models:/pets@candidate", uri)
+    assert not output_dir.exists()
+    run_id = tracking.start_run(cfg, output_dir, "r", {})
+    tracking.register_onnx_model(run_id, onnx_file, "pets", LABELS, PREP, "candidate", uri)
+    tracking.finish_run(run_id, tracking_uri=uri)
+    with pytest.raises(ModelUriError, match="name=cats not found"):
+        tracking.load_registered("models:/cats@candidate", uri)
+    with pytest.raises(ModelUriError, match="alias champion not found"):
+        tracking.load_registered("models:/pets@champion", uri)
+    with pytest.raises(ModelUriError, match=r"version=7\) not found"):
+        tracking.load_registered("models:/pets/7", uri)
