@@ -24,6 +24,7 @@ from components.training.cases import choose_image_size
 from tasks.common.context import RunContext, dataset_name, make_context
 from tasks.data.scan import count_dataset, scan_dataset
 from tasks.data.validation import validate_dataset
+from tasks.decision.resolution import choose_resolution
 from tasks.decision.strategy import select_case
 from tasks.decision.verification import plan_verification, verify_case
 from tasks.deploy.export import export_model
@@ -92,15 +93,24 @@ def decide(data: str, cfg: PipelineConfig, clock: StageClock) -> Decision:
         validation = validate_dataset(manifest, cfg.validation, ctx.run_dir, scanned)
     with clock.stage("count"):
         counts = count_dataset(validation.usable_manifest_path)
-    prep, reason = input_preprocessing(counts, engine.native, cfg)
+    rule_prep, rule_reason = input_preprocessing(counts, engine.native, cfg)
     usable = validation.usable_manifest_path
-    with clock.stage("embed"):
-        embed_dataset(usable, prep, engine, cfg)
+    # Similarity first: it decides whether the case is frozen, which decides how the resolution
+    # is chosen; its pass at the native size fills the cache rows the embedding would compute.
     with clock.stage("similarity"):
         similarity = score_similarity(usable, engine, cfg, ctx.run_dir)
+    with clock.stage("resolution"):
+        resolution = choose_resolution(
+            usable, counts, similarity, rule_prep, rule_reason, engine, cfg
+        )
+    prep = replace(rule_prep, image_size=resolution.chosen)
+    with clock.stage("embed"):
+        embed_dataset(usable, prep, engine, cfg)
     with clock.stage("select_case"):
-        plan = select_case(usable, counts, similarity, prep, engine, cfg, ctx.run_dir)
-    return Decision(ctx, engine, validation, counts, prep, reason, similarity, plan)
+        plan = select_case(
+            usable, counts, similarity, prep, engine, cfg, ctx.run_dir, resolution.to_dict()
+        )
+    return Decision(ctx, engine, validation, counts, prep, resolution.reason, similarity, plan)
 
 
 def _decision_summary(d: Decision) -> dict[str, Any]:
@@ -134,6 +144,7 @@ def _decision_summary(d: Decision) -> dict[str, Any]:
         "scan": None if d.validation.scan is None else d.validation.scan.to_dict(),
         "image_size": d.prep.image_size,
         "image_size_reason": d.image_size_reason,
+        "resolution": d.plan.resolution,
         "run_dir": str(d.ctx.run_dir),
         "report": str(d.ctx.run_dir / "decision.md"),
     }

@@ -120,6 +120,13 @@ class StrategyConfig(_Section):
     # The runner-up replaces the rule's case only if it wins on the nested split by more than this
     # many standard errors of the accuracy difference (noise on a small held-out set is no win).
     verify_margin_se: float = Field(1.0, ge=0)
+    # Input resolution (train.image_size: auto): frozen cases probe the rule's size and the native
+    # one on a stratified sample of at most this many training images and keep the better (the
+    # cheaper within noise); fine-tuned cases take the largest size whose estimated fine-tune fits
+    # finetune_budget_s. "rule" skips the measurement and keeps the rule of thumb.
+    resolution: Literal["measure", "rule"] = "measure"
+    resolution_sample_images: int = Field(1000, ge=20)
+    finetune_budget_s: float = Field(1800.0, ge=0)
 
 
 class TrainConfig(_Section):

@@ -45,6 +45,7 @@ class TransferPlan:
     similar_threshold: float
     probe: ProbeScores | None = None
     verification: dict[str, object] | None = None  # budgeted check against the runner-up, if run
+    resolution: dict[str, object] | None = None  # the input sizes measured and the one chosen
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

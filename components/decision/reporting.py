@@ -83,10 +83,24 @@ def decision_markdown(
             f"profile score {prof['score']:.3f}; combined with the BatchNorm score "
             f"{similarity.bn_score:.3f} (profile weight {prof['weight']})",
         ]
+    if plan.resolution is not None:
+        r = plan.resolution
+        lines += ["", "## Input resolution", f"- {r['reason']}"]
+        measured = [c for c in r["candidates"] if c["probe_accuracy"] is not None or c["seconds"]]
+        if measured:
+            lines += ["", "| size | probe accuracy (CV) | std | seconds |", "|---|---|---|---|"]
+            lines += [
+                f"| {c['size']} px{' (chosen)' if c['size'] == r['chosen'] else ''} | "
+                + ("-" if c["probe_accuracy"] is None else f"{c['probe_accuracy']:.3f}")
+                + " | "
+                + ("-" if c["probe_std"] is None else f"{c['probe_std']:.3f}")
+                + f" | {c['seconds']} |"
+                for c in measured
+            ]
     if plan.probe is not None:
         lines += [
             "",
-            "## Probe per cut point (case 2)",
+            f"## Probe per cut point ({plan.probe.folds}-fold CV on the training split)",
             "| cut | accuracy | std |",
             "|---|---|---|",
         ]

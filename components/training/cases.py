@@ -110,6 +110,9 @@ def _frozen(job: TrainingJob) -> tuple[_Trained, list[dict[str, object]]]:
         "C": fit.c,
         "cv_accuracy": fit.cv_accuracy,
         "cv_folds": fit.cv_folds,
+        "cv_curve": None
+        if fit.curve is None
+        else {"C": list(fit.curve.grid), "accuracy": list(fit.curve.means)},
     }
     return (model, spec, fit.val_accuracy, ()), [attempt]
 

@@ -157,7 +157,7 @@ def _span_basis(z: np.ndarray) -> np.ndarray | None:
 
 def _as_tensors(z: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.require(z, np.float32, ["C", "W"])), torch.from_numpy(
-        np.asarray(y, dtype=np.int64)
+        np.array(y, dtype=np.int64)
     )
 
 

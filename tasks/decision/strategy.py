@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -29,6 +30,7 @@ def select_case(
     engine: ExtractionEngine,
     cfg: PipelineConfig,
     run_dir: Path,
+    resolution: dict[str, object] | None = None,
 ) -> TransferPlan:
     """Decide the case (and cut), write the decision report and publish it."""
     probe = None
@@ -37,7 +39,9 @@ def select_case(
         train = load_splits(manifest, list(counts.classes), engine, prep)["train"]
         prefer = strategy.probe_preference(similarity, cfg.strategy)
         probe = strategy.probe_cuts(train.features, train.labels, cfg.seed, prefer)
-    plan = strategy.select_case(counts, similarity, cfg.strategy, probe)
+    plan = replace(
+        strategy.select_case(counts, similarity, cfg.strategy, probe), resolution=resolution
+    )
     publish_decision(counts, similarity, plan, run_dir)
     get_run_logger().info(plan.reason)
     return plan

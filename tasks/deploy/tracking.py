@@ -80,6 +80,12 @@ def log_and_register(
         tracking.log_params(run_id, params, tracking_uri=uri)
         for step, epoch in enumerate(trained.history):
             tracking.log_metrics(run_id, epoch, step=step, tracking_uri=uri)
+        for attempt in trained.attempts:  # a frozen head: its CV accuracy along the penalty grid
+            curve = attempt.get("cv_curve")
+            for step, accuracy in enumerate(curve["accuracy"] if curve else ()):
+                tracking.log_metrics(
+                    run_id, {"head_cv_accuracy": accuracy}, step=step, tracking_uri=uri
+                )
         scalars = {f"{name}_accuracy": m.accuracy for name, m in metrics.items()}
         for name, m in metrics.items():  # every accuracy with its n and 95% interval
             scalars |= {

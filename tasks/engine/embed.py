@@ -13,7 +13,6 @@ from components.data.scan import read_manifest
 from components.engine.backbones import load_backbone
 from components.engine.extraction import ExtractionEngine
 from components.engine.images import Preprocessing
-from components.similarity.scores import similarity_sample
 from tasks.common.policy import transient_only
 
 
@@ -31,22 +30,10 @@ def embed_dataset(
 ) -> int:
     """Fill the feature cache for every usable image; later stages read it instead of the network.
 
-    At the backbone's own resolution the similarity sample's moments come from this same pass, so
-    the similarity stage only reads the cache.
+    Runs after the similarity stage, whose pass at the backbone's own resolution already cached
+    its sample's features with their BatchNorm moments, so those images cost nothing here.
     """
     manifest = read_manifest(usable_manifest)
-    same_resolution = prep == engine.native
-    sample = similarity_sample(manifest, cfg.similarity, cfg.seed) if same_resolution else None
-    engine.features(
-        manifest["path"].tolist(),
-        manifest["sha256"].tolist(),
-        prep,
-        moments_for=() if sample is None else sample["sha256"].tolist(),
-    )
-    get_run_logger().info(
-        "features ready for %d images at %d px%s",
-        len(manifest),
-        prep.image_size,
-        "" if sample is None else f", BatchNorm moments for {len(sample)} of them",
-    )
+    engine.features(manifest["path"].tolist(), manifest["sha256"].tolist(), prep)
+    get_run_logger().info("features ready for %d images at %d px", len(manifest), prep.image_size)
     return len(manifest)

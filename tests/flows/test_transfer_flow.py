@@ -54,7 +54,13 @@ def test_flow_goes_from_folder_to_registered_onnx_model(digits_root: Path, tmp_p
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["case"] == "2" and "val_accuracy" in run.data.metrics
-    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) > 1  # per epoch
+    # A frozen head logs its cross-validation curve (one step per penalty on the grid), with the
+    # interval of every held-out accuracy beside it.
+    curve = client.get_metric_history(run.info.run_id, "head_cv_accuracy")
+    assert len(curve) > 1 and all(0 <= m.value <= 1 for m in curve)
+    m = run.data.metrics
+    assert m["val_accuracy_low"] <= m["val_accuracy"] <= m["val_accuracy_high"]
+    assert m["val_n"] == summary["accuracy"]["val"]["n"] > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert {
         "report/decision.md",
@@ -108,11 +114,22 @@ def test_verification_trains_the_runner_up_on_a_nested_split(
 def test_plans_are_deterministic_for_a_fixed_seed(digits_root: Path, tmp_path: Path) -> None:
     cfg = _config(tmp_path, strategy={"verify": "auto"})
     first, second = (plan_flow(data=str(digits_root), config=cfg) for _ in range(2))
-    varying = {"run_dir", "report", "seconds", "stage_seconds", "verification"}
+    varying = {"run_dir", "report", "seconds", "stage_seconds", "verification", "resolution"}
     assert {k: v for k, v in first.items() if k not in varying} == {
         k: v for k, v in second.items() if k not in varying
     }
     assert first["probe"]["means"] == second["probe"]["means"]
+    # Both sizes were measured (small images: the rule's 64 px against the native 224 px), with
+    # the same scores both times; only the measured seconds vary.
+    scores = [
+        [(c["size"], c["probe_accuracy"]) for c in run["resolution"]["candidates"]]
+        for run in (first, second)
+    ]
+    assert scores[0] == scores[1] and [size for size, _ in scores[0]] == [64, 224]
+    assert (
+        first["resolution"]["method"] == "probe"
+        and first["resolution"]["chosen"] == first["image_size"]
+    )
     # the verification preview says what a run would do and why, and trains nothing
     preview = first["verification"]
     assert preview["runner_up"] == 4 and not preview["run"]

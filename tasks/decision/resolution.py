@@ -1,0 +1,89 @@
+"""Resolution task: measure the candidate input sizes before the full embedding is trusted."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from components.common.config import PipelineConfig
+from components.data.counting import DatasetCounts
+from components.data.scan import read_manifest
+from components.decision import resolution, strategy
+from components.decision.costs import finetune_seconds, training_throughput
+from components.engine.extraction import ExtractionEngine
+from components.engine.images import Preprocessing
+from components.similarity.scores import SimilarityReport
+
+
+def stratified_sample(train: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
+    """At most ``limit`` training rows, the same share of every class (at least 10 each)."""
+    classes = train["label"].nunique()
+    per_class = max(10, limit // max(classes, 1))
+    parts = [g.sample(min(len(g), per_class), random_state=seed) for _, g in train.groupby("label")]
+    return pd.concat(parts).sort_values("path")
+
+
+def _probe_sizes(
+    train: pd.DataFrame,
+    sizes: tuple[int, ...],
+    prep: Preprocessing,
+    similarity: SimilarityReport,
+    engine: ExtractionEngine,
+    cfg: PipelineConfig,
+) -> resolution.ResolutionChoice:
+    sample = stratified_sample(train, cfg.strategy.resolution_sample_images, cfg.seed)
+    labels = np.unique(sample["label"].to_numpy(), return_inverse=True)[1]
+    prefer = strategy.probe_preference(similarity, cfg.strategy)
+    probes, seconds = {}, {}
+    for size in sizes:
+        start = time.perf_counter()
+        features = engine.features(
+            sample["path"].tolist(), sample["sha256"].tolist(), replace(prep, image_size=size)
+        )
+        seconds[size] = time.perf_counter() - start
+        probes[size] = strategy.probe_cuts(features, labels, cfg.seed, prefer)
+    return resolution.choose_by_probe(probes, seconds, len(sample))
+
+
+@task(name="choose-resolution", cache_policy=NO_CACHE)
+def choose_resolution(
+    usable_manifest: Path,
+    counts: DatasetCounts,
+    similarity: SimilarityReport,
+    prep: Preprocessing,
+    rule_reason: str,
+    engine: ExtractionEngine,
+    cfg: PipelineConfig,
+) -> resolution.ResolutionChoice:
+    """The input size to train at: measured for frozen cases, budgeted for fine-tuned ones."""
+    if cfg.train.image_size != "auto":
+        return resolution.fixed_choice(prep.image_size, rule_reason, "config")
+    sizes = resolution.candidate_sizes(prep.image_size, engine.native.image_size)
+    if len(sizes) == 1 or cfg.strategy.resolution == "rule":
+        return resolution.fixed_choice(prep.image_size, rule_reason, "rule")
+    manifest = read_manifest(usable_manifest)
+    train = manifest[manifest["split"] == "train"]
+    if strategy.planned_case(counts, similarity, cfg.strategy) in (1, 2):
+        choice = _probe_sizes(train, sizes, prep, similarity, engine, cfg)
+    else:
+        n_train, n_val = len(train), counts.per_split.get("val", 0)
+        estimated = {
+            size: finetune_seconds(
+                n_train,
+                n_val,
+                cfg.train.finetune_epochs,
+                training_throughput(
+                    engine.backbone, size, engine.device, engine.cache_root / "throughput.json"
+                ),
+            )
+            for size in sizes
+        }
+        choice = resolution.choose_by_budget(estimated, cfg.strategy.finetune_budget_s)
+    get_run_logger().info(choice.reason)
+    return choice
