@@ -86,11 +86,8 @@ class OnnxClassifier:
 
     def predictions(self, logits: np.ndarray) -> list[dict[str, Any]]:
         """One ``{"label", "score", "probabilities": {label: p}}`` per row of logits."""
-        z = logits.astype(np.float64)
-        probs = np.exp(z - z.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
         results = []
-        for row in probs:
+        for row in softmax(logits):
             best = int(row.argmax())
             results.append(
                 {
@@ -124,3 +121,10 @@ def _load(image: ImageInput, max_pixels: int | None) -> Image.Image:
     if isinstance(image, bytes | bytearray):
         return open_image(io.BytesIO(image), max_pixels, keep_grey=True)
     return open_image(image, max_pixels, keep_grey=True)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities per row, computed in float64 (no overflow for large logits)."""
+    z = logits.astype(np.float64)
+    probs = np.exp(z - z.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True)

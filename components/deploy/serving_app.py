@@ -179,6 +179,12 @@ def create_app(
     return app
 
 
+def inference_threads(cfg: ServeConfig) -> int:
+    """ONNX Runtime threads per session: ``cfg.inference_threads``, else the CPUs shared evenly
+    between the batch runners."""
+    return cfg.inference_threads or max(1, available_cpus() // cfg.batch_runners)
+
+
 def _run_logits(model: OnnxClassifier, batch: np.ndarray) -> np.ndarray:
     return model.logits(batch)
 

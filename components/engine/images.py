@@ -113,7 +113,7 @@ def refuse_bombs(
         )
     if max_bytes is not None and (need := decoded_bytes(img, keep_grey)) > max_bytes:
         raise Image.DecompressionBombError(
-            f"{width}x{height} {img.mode} image would take {need} bytes decoded, "
+            f"{width}x{height} image (mode {img.mode}) would take {need} bytes decoded, "
             f"over the limit of {max_bytes}"
         )
 
