@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +108,18 @@ def register_tiny_versions(
         name, alias, "1"
     )
     return models
+
+
+def bomb_png(width: int = 9000, height: int = 9000) -> bytes:
+    """A ~10 KB 1-bit PNG of ``width x height`` black pixels, written without decoding anything."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    row = b"\x00" * (1 + -(-width // 8))  # filter byte + packed bits
+    pixels = zlib.compress(row * height, 9)
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )

@@ -7,6 +7,7 @@ lets in-flight requests finish and then shuts the app down.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -32,8 +33,10 @@ def _config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn.Confi
 
 
 def serve(app: FastAPI, host: str, port: int) -> None:
-    """Serve until interrupted."""
-    uvicorn.Server(_config(app, host, port, "info")).run()
+    """Serve until interrupted (Ctrl-C: a graceful stop, then a normal return)."""
+    # uvicorn re-raises Ctrl-C once its graceful shutdown is done: that is the normal end here.
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(_config(app, host, port, "info")).run()
 
 
 class BackgroundServer:

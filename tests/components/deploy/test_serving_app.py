@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import struct
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from components.deploy.reload import ModelHolder
 from components.deploy.server import BackgroundServer
 from components.deploy.serving_app import create_app
 from components.engine.images import Preprocessing, preprocess_file
-from tests.conftest import png_bytes, tiny_classifier
+from tests.conftest import bomb_png, png_bytes, tiny_classifier
 
 LABELS = ["circle", "square", "stripe"]
 PREP = Preprocessing(image_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -35,21 +33,6 @@ LIMITS = ServeLimits(
     decoded_bytes=8_000_000,
     request_images=4,
 )
-
-
-def bomb_png(width: int = 9000, height: int = 9000) -> bytes:
-    """A ~10 KB 1-bit PNG of ``width x height`` black pixels, written without decoding anything."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    row = b"\x00" * (1 + -(-width // 8))  # filter byte + packed bits
-    pixels = zlib.compress(row * height, 9)
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
-    )
 
 
 @pytest.fixture(scope="module")
