@@ -38,3 +38,11 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
 def test_shipped_example_config_matches_the_defaults() -> None:
     example = Path(__file__).parents[3] / "infra" / "pipeline.example.yaml"
     assert load_config(example) == build_config()
+
+
+def test_serve_settings_nest_and_refuse_unknown_keys() -> None:
+    cfg = load_config(None, {"serve.limits.decoded_bytes": 1000, "serve.max_wait_ms": 0})
+    assert (cfg.serve.limits.decoded_bytes, cfg.serve.max_wait_ms) == (1000, 0)
+    assert cfg.serve.alias == "champion" and cfg.serve.limits.request_images >= cfg.serve.max_batch
+    with pytest.raises(ConfigError, match=r"serve\.limits\.body_byte"):
+        build_config({"serve": {"limits": {"body_byte": 1}}})
