@@ -53,8 +53,17 @@ class _Runtime:
     decodes: asyncio.Semaphore
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
-        async with self.decodes:
-            return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
+        """``fn(*args)`` on the decode pool, holding a semaphore slot until the thread is done
+        (not merely until a client that went away stops waiting: the bound must hold)."""
+        await self.decodes.acquire()
+        loop = asyncio.get_running_loop()
+        try:
+            future = self.decode_pool.submit(fn, *args)
+        except BaseException:
+            self.decodes.release()
+            raise
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self.decodes.release))
+        return await asyncio.wrap_future(future)
 
 
 def create_app(
@@ -198,8 +207,16 @@ def _parse_infer(
 async def _request_images(request: Request, limits: ServeLimits) -> list[tuple[str, bytes]]:
     """(name, bytes) per image: every file of a multipart form, or the raw body as one image."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        # One more file than allowed is parsed, so the count check can say how many were sent.
-        form = await request.form(max_files=limits.request_images + 1, max_fields=16)
+        try:
+            form = await request.form(max_files=limits.request_images, max_fields=16)
+        except HTTPException as err:  # Starlette stops parsing at the first file over the limit
+            if "Too many files" not in str(err.detail):
+                raise
+            raise Refused(
+                413,
+                f"more than {limits.request_images} images in one request; the limit is "
+                f"{limits.request_images} (serve.limits)",
+            ) from None
         try:
             files = [
                 (value.filename or key, await value.read())
