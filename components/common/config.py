@@ -156,8 +156,9 @@ class ServeConfig(_Section):
     # The alias served when a model URI names no version or alias (models:/NAME).
     alias: str = "champion"
     # One ONNX Runtime call takes up to max_batch images, waiting at most max_wait_ms after the
-    # oldest request for others to join it.
-    max_batch: int = Field(16, ge=1)
+    # oldest request for others to join it. None: the extraction engine's measured batch for the
+    # model's image size and device (8 at 224 px on a CPU, 64 at 64 px or on a GPU).
+    max_batch: int | None = Field(None, ge=1)
     max_wait_ms: float = Field(5.0, ge=0)
     # Batches running at once, and ONNX Runtime threads each (None: the CPUs shared between them).
     batch_runners: int = Field(1, ge=1)

@@ -22,6 +22,7 @@ from importlib import metadata
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -36,6 +37,7 @@ from components.deploy.classifier import OnnxClassifier
 from components.deploy.limits import BodyLimit, Refused, check_image_count, decode_image, parse_json
 from components.deploy.metrics import RequestMetrics, ServerMetrics
 from components.deploy.reload import ModelHolder
+from components.engine.extraction import extraction_batch
 from components.engine.onnx_graphs import available_cpus
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,7 @@ def create_app(
         batcher = MicroBatcher(
             _run_logits,
             infer_pool,
-            cfg.max_batch,
+            max_batch(cfg, holder.current),
             cfg.max_wait_ms / 1000,
             cfg.batch_runners,
             metrics.batch_size.observe,
@@ -186,6 +188,17 @@ def create_app(
     app.state.metrics = metrics
     app.state.holder = holder
     return app
+
+
+def max_batch(cfg: ServeConfig, model: OnnxClassifier) -> int:
+    """Images per ONNX Runtime call: ``cfg.max_batch``, else the extraction engine's batch for the
+    model's image size on the device its session runs on."""
+    if cfg.max_batch is not None:
+        return cfg.max_batch
+    on_gpu = model.session.get_providers()[0] == "CUDAExecutionProvider"
+    return extraction_batch(
+        model.preprocessing.image_size, torch.device("cuda" if on_gpu else "cpu")
+    )
 
 
 def inference_threads(cfg: ServeConfig) -> int:
