@@ -6,7 +6,8 @@
 Without ``--model-uri`` it builds the model itself: EfficientNet-Lite0 (the pipeline's default
 backbone, local weights) with a new two-class head, exported by the pipeline's own ``export_onnx``
 (parity-checked) and registered twice in a temporary SQLite registry (version 2 has another
-head), alias ``champion`` on version 1. Request images are the first ``--images`` image files
+head), alias ``champion`` on version 1. With ``--model-uri`` only our server is measured (there
+is no PyTorch module to build the baseline from, nor a second version to move to). Request images are the first ``--images`` image files
 under ``--data`` (sorted), or generated photos.
 
 Both servers run as their own processes on 127.0.0.1 under the same uvicorn: ours is

@@ -76,7 +76,7 @@ def predict_folder(
     session = feature_session(Path(onnx_path), device, threads)
     if good:
         try:
-            logits = run_streams(session, good, prep, batch, streams, np.float32)
+            logits = run_streams(session, good, prep, batch, streams, np.float32, "scoring")
         except Exception as err:  # a file whose header was fine but whose pixels are not
             log.warning("a batch failed to decode (%s); finding the files that fail", err)
             good, logits, more_bad = _in_chunks(session, good, prep, batch, streams)
@@ -98,7 +98,7 @@ def _in_chunks(
     for start in range(0, len(paths), size):
         chunk = list(paths[start : start + size])
         try:
-            rows.append(run_streams(session, chunk, prep, batch, streams, np.float32))
+            rows.append(run_streams(session, chunk, prep, batch, streams, np.float32, "scoring"))
             kept.extend(chunk)
             continue
         except Exception:  # this chunk holds a bad file: score it image by image
