@@ -1,4 +1,5 @@
-"""``transfer-pipeline``: run, plan, demo, serve on a schedule, serve a registered model."""
+"""``transfer-pipeline``: run, plan, demo, serve on a schedule, serve or batch-score a registered
+model."""
 
 from __future__ import annotations
 
@@ -170,16 +171,81 @@ def _cmd_serve_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registered(args: argparse.Namespace, cfg: PipelineConfig) -> tuple[str, str]:
+    """The tracking URI and the model URI, ``models:/NAME`` meaning the serving alias."""
+    from components.deploy import reload, tracking
+
+    return (
+        tracking.resolve_tracking_uri(cfg.tracking, cfg.output_dir),
+        reload.with_alias(args.model_uri, cfg.serve.alias),
+    )
+
+
 def _cmd_serve_model(args: argparse.Namespace) -> int:
-    from components.deploy import serving, tracking
+    from mlflow.exceptions import MlflowException
+
+    from components.deploy.reload import ModelHolder
+    from components.deploy.server import serve
+    from components.deploy.serving_app import create_app, inference_threads
+
+    cfg = _config(args)
+    tracking_uri, model_uri = _registered(args, cfg)
+    try:
+        holder = ModelHolder.from_registry(model_uri, tracking_uri, inference_threads(cfg.serve))
+    except (MlflowException, ValueError) as err:
+        raise PipelineError(f"cannot load {model_uri} from {tracking_uri}: {err}") from None
+    host = args.host or cfg.serve.host
+    port = cfg.serve.port if args.port is None else args.port
+    model = holder.current
+    print(
+        f"serving {model_uri} ({model.name} version {model.version}) on http://{host}:{port}",
+        file=sys.stderr,
+    )
+    try:
+        serve(create_app(holder, cfg.serve), host, port)
+    finally:
+        holder.close()
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    from components.deploy import tracking
+    from components.deploy.batch_predict import predict_folder
     from components.engine.images import Preprocessing
 
     cfg = _config(args)
-    uri = tracking.resolve_tracking_uri(cfg.tracking, cfg.output_dir)
-    onnx_path, labels, prep = tracking.load_registered(args.model_uri, uri)
-    classifier = serving.OnnxClassifier(onnx_path, labels, Preprocessing.from_dict(prep))
-    print(f"serving {args.model_uri} on http://{args.host}:{args.port}", file=sys.stderr)
-    serving.serve_forever(classifier, host=args.host, port=args.port)
+    if not Path(args.data).is_dir():
+        raise PipelineError(f"--data {args.data} is not a folder")
+    tracking_uri, model_uri = _registered(args, cfg)
+    with tempfile.TemporaryDirectory(prefix="predict-") as tmp:
+        try:
+            name, version = tracking.resolve_model_version(model_uri, tracking_uri)
+            onnx_path, labels, prep = tracking.load_registered(
+                f"models:/{name}/{version}", tracking_uri, Path(tmp)
+            )
+        except (MlflowException, ValueError) as err:
+            raise PipelineError(f"cannot load {model_uri} from {tracking_uri}: {err}") from None
+        result = predict_folder(
+            onnx_path,
+            labels,
+            Preprocessing.from_dict(prep),
+            Path(args.data),
+            Path(args.out),
+            cfg.data.extensions,
+            cfg.validation.max_image_pixels,
+        )
+    print(
+        f"{name} version {version}: {result.scored} images scored into {result.out_csv}",
+        file=sys.stderr,
+    )
+    if result.bad:
+        print(f"{len(result.bad)} file(s) left out:", file=sys.stderr)
+        for path, reason in result.bad:
+            print(f"  {path}: {reason}", file=sys.stderr)
     return 0
 
 
@@ -220,12 +286,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="scheduled-retrain")
     common(p)
     p.set_defaults(func=_cmd_serve_schedule)
-    p = sub.add_parser("serve-model", help="serve a registered model over HTTP (ONNX Runtime)")
-    p.add_argument("--model-uri", required=True, help="e.g. models:/digits@candidate")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p = sub.add_parser(
+        "serve-model", help="serve a registered model over HTTP (OIP v2, ONNX Runtime)"
+    )
+    p.add_argument(
+        "--model-uri",
+        required=True,
+        help="models:/NAME@ALIAS (followed as it moves), models:/NAME/VERSION, or models:/NAME "
+        "(the serve.alias alias, champion by default)",
+    )
+    p.add_argument("--host", help="default: serve.host (127.0.0.1)")
+    p.add_argument("--port", type=int, help="default: serve.port (8080)")
     common(p)
     p.set_defaults(func=_cmd_serve_model)
+    p = sub.add_parser("predict", help="score every image under a folder into a CSV")
+    p.add_argument("--model-uri", required=True, help="as for serve-model")
+    p.add_argument("--data", required=True, help="a folder; every image file under it is scored")
+    p.add_argument("--out", type=Path, default=Path("predictions.csv"))
+    common(p)
+    p.set_defaults(func=_cmd_predict)
     return parser
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +62,64 @@ def tiny_classifier(num_classes: int) -> torch.nn.Module:
         torch.nn.Flatten(),
         torch.nn.Linear(8, num_classes),
     ).eval()
+
+
+def png_bytes(size: tuple[int, int] = (48, 40), seed: int = 0, mode: str = "RGB") -> bytes:
+    """A small random PNG, as the bytes a client would upload."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def register_tiny_versions(
+    tracking_uri: str, name: str, labels: list[str], image_sizes: tuple[int, ...], alias: str
+) -> list[torch.nn.Module]:
+    """Register one tiny classifier per image size as versions 1, 2, ... of ``name`` in a real
+    MLflow store, with ``alias`` on version 1; returns the PyTorch models in version order."""
+    # Imported here: most test sessions never touch MLflow, and importing it costs seconds.
+    from mlflow import MlflowClient
+
+    from components.common.config import ExportConfig, TrackingConfig
+    from components.deploy import tracking
+    from components.deploy.export import export_onnx
+    from components.engine.images import Preprocessing
+
+    cfg = TrackingConfig(tracking_uri=tracking_uri, experiment="serve-tests")
+    models = []
+    for i, size in enumerate(image_sizes):
+        torch.manual_seed(i)
+        model = tiny_classifier(len(labels))
+        for p in model.parameters():  # seeded apart, so each version answers differently
+            p.data += 0.5 * torch.randn_like(p) * (i + 1)
+        folder = Path(tracking_uri.removeprefix("sqlite:///")).parent / f"export-{i}"
+        onnx_path = export_onnx(
+            model, torch.randn(4, 3, size, size), folder / "model.onnx", ExportConfig()
+        ).onnx_path
+        prep = Preprocessing(image_size=size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+        run_id = tracking.start_run(cfg, folder, f"v{i + 1}", {})
+        tracking.register_onnx_model(
+            run_id, onnx_path, name, labels, prep.to_dict(), "candidate", tracking_uri
+        )
+        tracking.finish_run(run_id, tracking_uri=tracking_uri)
+        models.append(model)
+    MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).set_registered_model_alias(
+        name, alias, "1"
+    )
+    return models
+
+
+def bomb_png(width: int = 9000, height: int = 9000) -> bytes:
+    """A ~10 KB 1-bit PNG of ``width x height`` black pixels, written without decoding anything."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    row = b"\x00" * (1 + -(-width // 8))  # filter byte + packed bits
+    pixels = zlib.compress(row * height, 9)
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )

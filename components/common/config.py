@@ -169,6 +169,46 @@ class TrackingConfig(_Section):
     alias: str = "candidate"
 
 
+class ServeLimits(_Section):
+    """What one request may cost the model server; over-limit requests are refused (413/400).
+
+    The memory one request can take is bounded by ``body_bytes`` plus ``decodes_in_flight`` times
+    ``decoded_bytes``, whatever the files claim: both image limits are read from the header before
+    a single pixel is decoded.
+    """
+
+    body_bytes: int = Field(16 * 2**20, ge=1)
+    image_pixels: int = Field(40_000_000, ge=1)
+    # width x height x bands x bytes per band, plus the RGB copy when the image is not RGB or grey.
+    decoded_bytes: int = Field(128 * 2**20, ge=1)
+    # Images in one request (multipart files, or rows of one OIP tensor).
+    request_images: int = Field(32, ge=1)
+    # Images decoding at once across all requests; None: two per CPU.
+    decodes_in_flight: int | None = Field(None, ge=1)
+
+
+class ServeConfig(_Section):
+    """The model server: where it listens, how it batches, what it refuses, how it reloads."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    # The alias served when a model URI names no version or alias (models:/NAME).
+    alias: str = "champion"
+    # One ONNX Runtime call takes up to max_batch images, waiting at most max_wait_ms after the
+    # oldest request for others to join it. None: the extraction engine's measured batch for the
+    # model's image size and device (8 at 224 px on a CPU, 64 at 64 px or on a GPU).
+    max_batch: int | None = Field(None, ge=1)
+    max_wait_ms: float = Field(5.0, ge=0)
+    # Batches running at once, and ONNX Runtime threads each (None: the CPUs shared between them).
+    batch_runners: int = Field(1, ge=1)
+    inference_threads: int | None = Field(None, ge=1)
+    # Threads decoding request images (None: one per CPU).
+    decode_threads: int | None = Field(None, ge=1)
+    # Seconds between checks of the registry alias; 0 turns hot reload off.
+    reload_poll_s: float = Field(30.0, ge=0)
+    limits: ServeLimits = ServeLimits()
+
+
 class PipelineConfig(_Section):
     """The root object: one section per stage, plus what they share."""
 
@@ -184,6 +224,7 @@ class PipelineConfig(_Section):
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
     tracking: TrackingConfig = TrackingConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 def _describe(err: ValidationError) -> str:

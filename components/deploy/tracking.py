@@ -271,6 +271,14 @@ def _parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
     return name, version, alias
 
 
+def resolve_model_version(model_uri: str, tracking_uri: str) -> tuple[str, str]:
+    """The registered model's name and the version ``model_uri`` names now (an alias resolved).
+
+    Cheap (one registry query), so a server can poll it to notice an alias that moved.
+    """
+    return _resolve_version(_client(tracking_uri), model_uri)
+
+
 def load_registered(
     model_uri: str, tracking_uri: str, dst_dir: Path | None = None
 ) -> tuple[Path, list[str], dict[str, Any]]:

@@ -100,9 +100,11 @@ def choose_engine(engine: str, device: torch.device) -> str:
     return engine
 
 
-def with_progress(batches: Iterable[object], n: int, total: int | None = None) -> tqdm:
+def with_progress(
+    batches: Iterable[object], n: int, total: int | None = None, verb: str = "embedding"
+) -> tqdm:
     """``batches`` (``total`` of them, or ``len(batches)``) behind a bar for ``n`` images."""
-    return tqdm(batches, total=total, desc=f"embedding {n} images", unit="batch", leave=False)
+    return tqdm(batches, total=total, desc=f"{verb} {n} images", unit="batch", leave=False)
 
 
 def image_loader(
@@ -136,8 +138,10 @@ def run_streams(
     batch_size: int,
     streams: int,
     dtype: type = np.float16,
+    verb: str = "embedding",
 ) -> np.ndarray:
-    """The session's first output for every image in ``paths``, row by row.
+    """The session's first output for every image in ``paths``, row by row (``verb`` names the
+    work on the progress bar).
 
     ``streams`` threads each decode a batch and run it. Threads suffice: Pillow's decoders and
     resampling, NumPy's normalisation and ONNX Runtime all release the GIL while they work.
@@ -151,7 +155,7 @@ def run_streams(
     pool = ThreadPoolExecutor(streams, thread_name_prefix="embed")
     try:
         return np.concatenate(
-            list(with_progress(pool.map(rows, batches), len(paths), len(batches)))
+            list(with_progress(pool.map(rows, batches), len(paths), len(batches), verb))
         )
     finally:
         pool.shutdown(cancel_futures=True)  # on an error, queued batches are dropped, not run

@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageMode, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 from torchvision.transforms.functional import pil_modes_mapping
@@ -53,24 +53,54 @@ class Preprocessing:
 
 
 def open_image(
-    path: Path | str, max_pixels: int | None = None, keep_grey: bool = False
+    path: Path | str | BinaryIO,
+    max_pixels: int | None = None,
+    keep_grey: bool = False,
+    max_bytes: int | None = None,
 ) -> Image.Image:
     """Decode an image as upright 8-bit RGB (or 8-bit greyscale, if it is and ``keep_grey``).
 
     EXIF orientation is applied (phones store photos sideways), and CMYK, palette, 16-bit, RGBA and
     greyscale images are converted rather than rejected. Pillow's decompression-bomb guard stays on:
-    a bomb raises ``PIL.Image.DecompressionBombError`` (also for what Pillow only warns about).
+    a bomb raises ``PIL.Image.DecompressionBombError`` (also for what Pillow only warns about), and
+    so does an image whose ``decoded_bytes`` exceed ``max_bytes``; both are read from the header.
     """
     with Image.open(path) as img:
-        refuse_bombs(img, max_pixels)
+        refuse_bombs(img, max_pixels, max_bytes, keep_grey)
         img.load()
         img = ImageOps.exif_transpose(img)
         return img if keep_grey and img.mode == "L" else to_rgb(img)
 
 
-def refuse_bombs(img: Image.Image, max_pixels: int | None = None) -> None:
+def decoded_bytes(img: Image.Image, keep_grey: bool = False) -> int:
+    """Bytes an opened, not yet decoded image will take: width x height x bands x bytes per band
+    as decoded, plus what ``to_rgb`` allocates on the way to RGB (nothing for RGB, or for greyscale
+    kept grey; three RGBA images when transparency is composited).
+
+    A 10 KB PNG can hold a 9000 x 9000 1-bit image: 81 MB decoded, 324 MB with its RGB copy.
+    """
+    width, height = img.size
+    mode = ImageMode.getmode(img.mode)
+    decoded = len(mode.bands) * np.dtype(mode.typestr).itemsize
+    if img.mode == "RGB" or (keep_grey and img.mode == "L"):
+        converted = 0
+    elif img.mode in ("P", "RGBA", "LA", "PA"):
+        converted = 3 * 4 + 3  # RGBA copy, white canvas, composite, then RGB
+    elif img.mode.startswith("I"):
+        converted = 8 + 1 + 3  # float64 scaling, 8-bit, RGB
+    else:
+        converted = 3
+    return width * height * (decoded + converted)
+
+
+def refuse_bombs(
+    img: Image.Image,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
+    keep_grey: bool = False,
+) -> None:
     """Raise ``DecompressionBombError`` for an opened, not yet decoded image above ``max_pixels``
-    (default: the count at which Pillow warns).
+    (default: the count at which Pillow warns) or above ``max_bytes`` of ``decoded_bytes``.
 
     A check of the header's size rather than a warnings filter turned to "error": filters are
     process-wide, and decoding threads that swap them in and out race each other.
@@ -80,6 +110,11 @@ def refuse_bombs(img: Image.Image, max_pixels: int | None = None) -> None:
     if limit is not None and width * height > limit:
         raise Image.DecompressionBombError(
             f"{width}x{height} = {width * height} pixels exceeds the limit of {limit}"
+        )
+    if max_bytes is not None and (need := decoded_bytes(img, keep_grey)) > max_bytes:
+        raise Image.DecompressionBombError(
+            f"{width}x{height} image (mode {img.mode}) would take {need} bytes decoded, "
+            f"over the limit of {max_bytes}"
         )
 
 

@@ -44,7 +44,7 @@ def test_shipped_example_config_matches_the_defaults() -> None:
     ("key", "section"),
     [
         ("batch_size", "train"),  # int
-        ("head_lr", "train"),  # float
+        ("finetune_lr", "train"),  # float
         ("image_size", "train"),  # int | "auto"
         ("case", "strategy"),  # Literal["auto", 1, 2, 3, 4]
         ("cut_block", "strategy"),  # int | None
@@ -56,8 +56,8 @@ def test_booleans_are_not_numbers(key: str, section: str) -> None:
 
 
 def test_booleans_still_set_boolean_fields_and_text_numbers_still_parse() -> None:
-    cfg = build_config({"data": {"follow_external_links": True}, "train": {"head_lr": "1e-3"}})
-    assert cfg.data.follow_external_links is True and cfg.train.head_lr == 1e-3
+    cfg = build_config({"data": {"follow_external_links": True}, "train": {"finetune_lr": "1e-3"}})
+    assert cfg.data.follow_external_links is True and cfg.train.finetune_lr == 1e-3
     assert build_config().data.follow_external_links is False
 
 
@@ -83,3 +83,11 @@ def test_overrides_into_a_value_are_refused_and_into_an_empty_section_work(tmp_p
     path = tmp_path / "pipeline.yaml"
     path.write_text("train:\n")  # an empty section reads as null
     assert load_config(path, {"train.device": "cpu"}).train.device == "cpu"
+
+
+def test_serve_settings_nest_and_refuse_unknown_keys() -> None:
+    cfg = load_config(None, {"serve.limits.decoded_bytes": 1000, "serve.max_wait_ms": 0})
+    assert (cfg.serve.limits.decoded_bytes, cfg.serve.max_wait_ms) == (1000, 0)
+    assert cfg.serve.alias == "champion" and cfg.serve.max_batch is None
+    with pytest.raises(ConfigError, match=r"serve\.limits\.body_byte"):
+        build_config({"serve": {"limits": {"body_byte": 1}}})

@@ -11,6 +11,7 @@ from components.engine.images import (
     EvalTransform,
     Preprocessing,
     decode_batch,
+    decoded_bytes,
     open_image,
     preprocess_file,
 )
@@ -64,6 +65,34 @@ def test_what_pillow_only_warns_about_is_refused_without_touching_warning_filter
     assert warnings.filters == filters  # process-wide state, shared by decoding threads
     with pytest.warns(Image.DecompressionBombWarning):  # a higher limit of one's own is honoured
         assert open_image(tmp_path / "big.png", max_pixels=2000).size == (40, 40)
+
+
+@pytest.mark.parametrize(
+    ("mode", "keep_grey", "per_pixel"),
+    [
+        ("RGB", False, 3),  # decoded as is, no conversion
+        ("L", True, 1),  # kept grey
+        ("L", False, 1 + 3),  # plus its RGB copy
+        ("1", False, 1 + 3),
+        ("RGBA", False, 4 + 15),  # compositing on white takes three RGBA images, then RGB
+        ("I;16", False, 2 + 12),  # scaled through float64 to 8 bits, then RGB
+    ],
+)
+def test_decoded_bytes_are_read_from_the_header(
+    tmp_path: Path, mode: str, keep_grey: bool, per_pixel: int
+) -> None:
+    path = tmp_path / "x.png"
+    Image.new(mode, (30, 20)).save(path)
+    with Image.open(path) as img:
+        assert img.mode == mode
+        assert decoded_bytes(img, keep_grey) == 30 * 20 * per_pixel
+
+
+def test_an_image_over_the_decoded_bytes_limit_is_refused_before_decoding(tmp_path: Path) -> None:
+    Image.new("1", (400, 300)).save(tmp_path / "bits.png")  # tiny file, 480 KB once made RGB
+    with pytest.raises(Image.DecompressionBombError, match=r"400x300 image \(mode 1\) would take"):
+        open_image(tmp_path / "bits.png", max_bytes=400 * 300 * 3)
+    assert open_image(tmp_path / "bits.png", max_bytes=400 * 300 * 4).mode == "RGB"
 
 
 def test_preprocess_file_shape_and_normalisation(tmp_path: Path) -> None:
