@@ -52,6 +52,9 @@ class ExportResult:
     provider: str
     n_checked: int
     exporter: str = "dynamo"
+    # The uint8 NHWC graph with normalisation inside (export.embed_preprocessing), when written.
+    embedded_path: Path | None = None
+    embedded_max_abs_diff: float | None = None
 
 
 @dataclass(frozen=True)
