@@ -80,13 +80,13 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
         print(f"MLflow run: {summary['mlflow_run_id']} at {summary['mlflow_tracking_uri']}")
         print(f"registered: {summary['model_uri']}")
-        _print_promotion(summary["promotion"])
+        _print_promotion(summary["promotion"], summary["mlflow_tracking_uri"])
     print(f"report: {summary['report']}")
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary["stage_seconds"].items())
     print(f"took {summary['seconds']:.1f} s ({stages})")
 
 
-def _print_promotion(gate: dict[str, Any]) -> None:
+def _print_promotion(gate: dict[str, Any], tracking_uri: str) -> None:
     def score(role: str) -> str:
         acc, ci = gate[f"{role}_accuracy"], gate[f"{role}_interval"]
         version = gate[f"{role}_version"]
@@ -98,8 +98,16 @@ def _print_promotion(gate: dict[str, Any]) -> None:
         p = f"; McNemar p = {gate['p_value']:.4f}" if gate.get("p_value") is not None else ""
         print(f"  {score('challenger')}{versus} on {gate['n']} {gate['split']} images{p}")
     if gate.get("champion_uri"):
+        from components.deploy.tracking import resolve_tracking_uri
+
+        default = PipelineConfig()
+        where = (
+            ""
+            if tracking_uri == resolve_tracking_uri(default.tracking, default.output_dir)
+            else f" --set tracking.tracking_uri={tracking_uri}"
+        )
         print(f"champion: {gate['champion_uri']} (v{gate['champion_now']})")
-        print(f"serve it: transfer-pipeline serve-model --model-uri {gate['champion_uri']}")
+        print(f"serve it: transfer-pipeline serve-model --model-uri {gate['champion_uri']}{where}")
 
 
 def start_prefect_api_early() -> threading.Thread | None:
@@ -180,9 +188,9 @@ def _cmd_serve_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_triton(args: argparse.Namespace) -> int:
-    from components.deploy import tracking, triton
-
     from mlflow.exceptions import MlflowException
+
+    from components.deploy import tracking, triton
 
     cfg = _config(args)
     uri = tracking.resolve_tracking_uri(cfg.tracking, cfg.output_dir)

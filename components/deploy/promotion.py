@@ -192,7 +192,13 @@ def run_gate(
 
     evaluations = {
         CHALLENGER: _evaluate(
-            mine, targets, held, f"gate-challenger-v{challenger_version}", run_id, tracking_uri
+            mine,
+            targets,
+            len(labels),
+            held,
+            f"gate-challenger-v{challenger_version}",
+            run_id,
+            tracking_uri,
         )
     }
     if champion is not None:
@@ -206,7 +212,13 @@ def run_gate(
             "p_value": paired.p_value,
         }
         evaluations[CHAMPION] = _evaluate(
-            theirs, targets, held, f"gate-champion-v{champion_version}", run_id, tracking_uri
+            theirs,
+            targets,
+            len(labels),
+            held,
+            f"gate-champion-v{champion_version}",
+            run_id,
+            tracking_uri,
         )
     base["evaluation_runs"] = {role: child for role, (_, child) in evaluations.items()}
     passed, base["mlflow_validation"] = _validate(
@@ -232,18 +244,19 @@ def _indices(names: list[str], labels: list[str]) -> np.ndarray:
 def _evaluate(
     predictions: np.ndarray,
     targets: np.ndarray,
+    num_classes: int,
     held: HeldOut,
     run_name: str,
     run_id: str,
     tracking_uri: str,
 ) -> tuple[EvaluationResult, str]:
-    """``mlflow.models.evaluate`` on static predictions, in a new child run of ``run_id``."""
+    """``mlflow.models.evaluate`` on static predictions (label indices), in a new child run of
+    ``run_id``."""
     frame = pd.DataFrame({"target": targets, "prediction": predictions})
     dataset = mlflow.data.from_pandas(
         frame, source=held.source, targets="target", predictions="prediction", name=held.split
     )
     child = tracking.start_child_run(run_id, run_name, tracking_uri=tracking_uri)
-    num_classes = int(max(frame["target"].max(), frame["prediction"].max())) + 1
     with tracking.fluent_run(child, tracking_uri=tracking_uri):
         result = mlflow.models.evaluate(
             data=dataset,
@@ -266,7 +279,7 @@ def _validate(
         min_relative_change=0.0 if champion is not None else None,
         greater_is_better=True,
     )
-    rule = f"{METRIC} >= {floor:.3f}" + (" and >= the champion's" if champion else "")
+    rule = f"{METRIC} >= {floor:.3f}" + (" and >= the champion's" if champion is not None else "")
     try:
         mlflow.validate_evaluation_results({METRIC: threshold}, challenger, champion)
     except ModelValidationFailedException as err:

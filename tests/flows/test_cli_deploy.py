@@ -64,3 +64,37 @@ def test_export_triton_writes_a_repository_triton_can_parse(
     missing = ["export-triton", "--model-uri", "models:/pets@nobody", "--out", str(repo)]
     assert main([*missing, "--set", f"tracking.tracking_uri={uri}"]) == 2
     assert "models:/pets@nobody" in capsys.readouterr().err
+
+
+def test_the_summary_says_what_the_gate_did_and_how_to_serve_the_champion(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from flows.cli import _print_promotion
+
+    _print_promotion(
+        {
+            "verdict": "promoted-better",
+            "mode": "auto",
+            "reason": "accuracy 0.9500 > champion's 0.9000, significant (p = 0.0313)",
+            "challenger_version": 2,
+            "challenger_accuracy": 0.95,
+            "challenger_interval": [0.9, 0.97],
+            "champion_version": 1,
+            "champion_accuracy": 0.9,
+            "champion_interval": [0.84, 0.94],
+            "p_value": 0.03125,
+            "n": 120,
+            "split": "test",
+            "champion_uri": "models:/digits@champion",
+            "champion_now": 2,
+        },
+        "sqlite:////elsewhere/mlflow.db",
+    )
+    out = capsys.readouterr().out
+    assert "promotion: promoted-better (promote=auto)" in out
+    assert "challenger v2 0.9500 (95% 0.9000-0.9700) vs champion v1 0.9000" in out
+    assert "on 120 test images; McNemar p = 0.0312" in out
+    assert (
+        "serve it: transfer-pipeline serve-model --model-uri models:/digits@champion "
+        "--set tracking.tracking_uri=sqlite:////elsewhere/mlflow.db"
+    ) in out
