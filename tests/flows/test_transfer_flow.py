@@ -15,7 +15,13 @@ from components.common.config import build_config
 from components.common.errors import PipelineError
 from components.deploy import tracking
 from components.deploy.tracking import load_registered
-from components.engine.images import Preprocessing, preprocess_file
+from components.engine.images import (
+    Preprocessing,
+    eval_pixels,
+    normalise,
+    open_image,
+    preprocess_file,
+)
 from flows.cli import main
 from flows.transfer import plan_flow, transfer_flow
 
@@ -190,7 +196,18 @@ def test_cli_json_summary_and_plan(digits_root: Path, tmp_path: Path, capsys) ->
     assert plan["counts"]["total"] == 400
 
     code = main(
-        ["run", "--data", str(digits_root), "--config", str(cfg_file), "--case", "1", "--json"]
+        [
+            "run",
+            "--data",
+            str(digits_root),
+            "--config",
+            str(cfg_file),
+            "--case",
+            "1",
+            "--json",
+            "--set",
+            "export.embed_preprocessing=true",
+        ]
     )
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and summary["case"] == 1 and summary["overridden"]
@@ -210,6 +227,24 @@ def test_cli_json_summary_and_plan(digits_root: Path, tmp_path: Path, capsys) ->
     assert Path(summary["onnx_path"]).is_file()
     assert {"verdict", "champion_version", "challenger_version", "p_value"} <= set(
         summary["promotion"]
+    )
+    # The uint8 NHWC graph, normalisation inside, agrees with the float graph on real images.
+    prep = Preprocessing.from_dict(
+        json.loads(
+            {p.key: p.value for p in onnx.load(summary["onnx_path"]).metadata_props}[
+                "transfer_pipeline.preprocessing"
+            ]
+        )
+    )
+    images = sorted(digits_root.glob("4/*.png"))[:5]
+    pixels = np.stack([eval_pixels(open_image(p, keep_grey=True), prep) for p in images])
+    uint8 = ort.InferenceSession(summary["onnx_uint8_path"], providers=["CPUExecutionProvider"])
+    plain = ort.InferenceSession(summary["onnx_path"], providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(
+        uint8.run(None, {"input": pixels})[0],
+        plain.run(None, {"input": normalise(pixels, prep)})[0],
+        rtol=1e-4,
+        atol=1e-4,
     )
 
 

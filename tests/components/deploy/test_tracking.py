@@ -184,11 +184,14 @@ def test_load_registered_reads_the_contract_inside_the_onnx_file(
 
     run_id = tracking.start_run(cfg, output_dir, "contract", {})
     # Sidecars that disagree with the file: the file's own contract must win.
-    registered = tracking.register_onnx_model(run_id, path, "pets", ["x", "y", "z"], {}, uri)
+    registered = tracking.register_onnx_model(
+        run_id, path, "pets", ["x", "y", "z"], {}, uri, extra_files={"model_uint8.onnx": path}
+    )
     tracking.finish_run(run_id, tracking_uri=uri)
     served, labels, prep = tracking.load_registered(registered.model_uri, uri, tmp_path / "s")
     assert (labels, prep) == (LABELS, PREP)
     assert onnx_contract.read_props(served)["backbone"] == "efficientnet_lite0"
+    assert (served.parent / "model_uint8.onnx").read_bytes() == path.read_bytes()
 
 
 def test_registration_refuses_an_invalid_onnx_file(
