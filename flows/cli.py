@@ -1,5 +1,5 @@
 """``transfer-pipeline``: run, plan, demo, serve on a schedule, serve or batch-score a registered
-model."""
+model, export a registered model as a Triton model repository."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import threading
 import traceback
 from pathlib import Path
@@ -41,6 +42,8 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
         overrides[key] = _parse_value(value)
     if getattr(args, "case", None) and args.case != "auto":
         overrides["strategy.case"] = int(args.case)
+    if getattr(args, "promote", None):
+        overrides["tracking.promote"] = args.promote
     if args.output_dir:
         overrides["output_dir"] = str(args.output_dir)
     return load_config(args.config, overrides)
@@ -87,9 +90,34 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
         print(f"MLflow run: {summary['mlflow_run_id']} at {summary['mlflow_tracking_uri']}")
         print(f"registered: {summary['model_uri']}")
+        _print_promotion(summary["promotion"], summary["mlflow_tracking_uri"])
     print(f"report: {summary['report']}")
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary["stage_seconds"].items())
     print(f"took {summary['seconds']:.1f} s ({stages})")
+
+
+def _print_promotion(gate: dict[str, Any], tracking_uri: str) -> None:
+    def score(role: str) -> str:
+        acc, ci = gate[f"{role}_accuracy"], gate[f"{role}_interval"]
+        version = gate[f"{role}_version"]
+        return f"{role} v{version} {acc:.4f} (95% {ci[0]:.4f}-{ci[1]:.4f})"
+
+    print(f"promotion: {gate['verdict']} (promote={gate['mode']}): {gate['reason']}")
+    if gate.get("challenger_accuracy") is not None:
+        versus = f" vs {score('champion')}" if gate.get("champion_accuracy") is not None else ""
+        p = f"; McNemar p = {gate['p_value']:.4f}" if gate.get("p_value") is not None else ""
+        print(f"  {score('challenger')}{versus} on {gate['n']} {gate['split']} images{p}")
+    if gate.get("champion_uri"):
+        from components.deploy.tracking import resolve_tracking_uri
+
+        default = PipelineConfig()
+        where = (
+            ""
+            if tracking_uri == resolve_tracking_uri(default.tracking, default.output_dir)
+            else f" --set tracking.tracking_uri={tracking_uri}"
+        )
+        print(f"champion: {gate['champion_uri']} (v{gate['champion_now']})")
+        print(f"serve it: transfer-pipeline serve-model --model-uri {gate['champion_uri']}{where}")
 
 
 def start_prefect_api_early() -> threading.Thread | None:
@@ -249,6 +277,27 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_triton(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from components.deploy import tracking, triton
+
+    cfg = _config(args)
+    uri = tracking.resolve_tracking_uri(cfg.tracking, cfg.output_dir)
+    try:
+        name, version = tracking.resolve_version(args.model_uri, uri)
+    except (ValueError, MlflowException) as err:
+        raise PipelineError(f"cannot find {args.model_uri} in {uri}: {err}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path, labels, prep = tracking.load_registered(args.model_uri, uri, Path(tmp))
+        model_dir = triton.write_repository(
+            onnx_path, labels, args.name or name, version, args.out, args.max_batch_size, prep
+        )
+    print(f"Triton model repository: {model_dir} (version {version} of {name})")
+    print(f"serve it: tritonserver --model-repository {Path(args.out).resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transfer-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -263,6 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--debug", action="store_true", help="show the traceback of an error, too")
 
+    def promote_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--promote",
+            choices=["auto", "never", "force"],
+            help="champion alias: auto = the gate decides (default: tracking.promote), "
+            "never = leave it, force = move it to this version",
+        )
+
     for name, func, text in (
         ("run", _cmd_run, "train, export and register a model"),
         ("plan", _cmd_plan, "decide the case and report why; train nothing"),
@@ -273,11 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--case", choices=["auto", "1", "2", "3", "4"], default="auto")
         p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+        if name == "run":
+            promote_option(p)
         common(p)
         p.set_defaults(func=func)
     p = sub.add_parser("demo", help="run the flow on scikit-learn's bundled digits")
     p.add_argument("--case", choices=["auto", "1", "2", "3", "4"], default="auto")
     p.add_argument("--json", action="store_true")
+    promote_option(p)
     common(p)
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("serve-schedule", help="serve the flow with a cron schedule (Prefect)")
@@ -305,6 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("predictions.csv"))
     common(p)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export-triton", help="write a registered model as a Triton repository")
+    p.add_argument("--model-uri", required=True, help="e.g. models:/digits@champion")
+    p.add_argument("--out", required=True, type=Path, help="the model repository folder")
+    p.add_argument("--name", help="model name in the repository (default: the registered name)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    common(p)
+    p.set_defaults(func=_cmd_export_triton)
     return parser
 
 

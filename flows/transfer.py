@@ -201,7 +201,7 @@ def transfer_flow(data: str, config: PipelineConfig | None = None) -> dict[str, 
         backbone = d.engine.backbone
         exported = export_model(manifest, trained.model_path, d.prep, backbone, cfg, run_dir)
     with clock.stage("log_and_register"):
-        run_id, registered, uri = log_and_register(
+        published = log_and_register(
             d.ctx,
             cfg,
             d.validation,
@@ -213,6 +213,7 @@ def transfer_flow(data: str, config: PipelineConfig | None = None) -> dict[str, 
             exported,
             d.prep,
         )
+    registered = published.registered
     return {
         **_decision_summary(d),
         "metrics": {"val_accuracy": None, "test_accuracy": None}
@@ -232,11 +233,13 @@ def transfer_flow(data: str, config: PipelineConfig | None = None) -> dict[str, 
         "device": trained.device,
         "onnx_path": str(exported.onnx_path),
         "onnx_max_abs_diff": exported.max_abs_diff,
-        "mlflow_tracking_uri": uri,
-        "mlflow_run_id": run_id,
+        "onnx_uint8_path": None if exported.embedded_path is None else str(exported.embedded_path),
+        "mlflow_tracking_uri": published.tracking_uri,
+        "mlflow_run_id": published.run_id,
         "registered_model": registered.name,
         "model_version": registered.version,
         "model_uri": registered.model_uri,
+        "promotion": published.promotion_summary(),
         "stage_seconds": clock.seconds,
         "seconds": round(time.perf_counter() - start, 3),
     }

@@ -158,15 +158,29 @@ class ExportConfig(_Section):
     opset: int = Field(18, ge=18)
     atol: float = Field(1e-3, gt=0)
     parity_batch: int = Field(16, ge=1)
+    # Also export (and register beside model.onnx) a graph that takes uint8 NHWC RGB images at the
+    # model's size and normalises inside, for clients that cannot reproduce the float input.
+    embed_preprocessing: bool = False
 
 
 class TrackingConfig(_Section):
-    """MLflow tracking and registry (SQLite under the output folder unless overridden)."""
+    """MLflow tracking and registry (SQLite under the output folder unless overridden), and the
+    promotion gate that decides when a new version becomes ``champion`` (docs/deployment.md)."""
+
+    # "model_name" is a field here, not pydantic's reserved model_* namespace.
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
     tracking_uri: str | None = None
     experiment: str = "transfer-pipeline"
-    registered_model: str | None = None
-    alias: str = "candidate"
+    # Registered model name; None derives it from the data folder (generic names such as
+    # train/ or data/ skipped). Letters, digits, '.', '_' and '-' only.
+    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    # auto: the gate decides; never: champion never moves; force: the new version becomes champion.
+    promote: Literal["auto", "never", "force"] = "auto"
+    # Accuracy floor for any champion; never below chance (1 / classes) + 0.1 whatever is set.
+    min_accuracy: float = Field(0.5, ge=0, le=1)
+    # Level of the paired (exact McNemar) test behind "better" and "worse" claims.
+    significance: float = Field(0.05, gt=0, lt=1)
 
 
 class ServeLimits(_Section):

@@ -3,7 +3,9 @@
 Nothing here uses MLflow's fluent active run or global tracking URI: ``mlflow.set_tracking_uri``
 also writes ``MLFLOW_TRACKING_URI`` into ``os.environ``, and Prefect tasks may run in other threads
 or processes. Every call takes the ``tracking_uri`` (from ``resolve_tracking_uri``) and a run id;
-``start_run`` leaves the run RUNNING in the store until ``finish_run`` closes it.
+``start_run`` leaves the run RUNNING in the store until ``finish_run`` closes it. The one place
+that needs MLflow's fluent API (``mlflow.models.evaluate``) borrows it through ``fluent_run``, which
+puts the global tracking URI back as it found it.
 """
 
 from __future__ import annotations
@@ -12,24 +14,42 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import mlflow.artifacts
+import mlflow.data
 import mlflow.onnx
+import numpy as np
 import onnx
+import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModelOutput,
+    LoggedModelStatus,
+    Metric,
+    Param,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from mlflow.types import Schema, TensorSpec
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 from mlflow.utils.uri import is_databricks_uri
 
 from components.common.config import TrackingConfig
 from components.common.errors import ModelUriError
+from components.deploy import onnx_contract
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +62,12 @@ _MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alia
 
 @dataclass(frozen=True)
 class RegisteredModel:
-    """One registered model version and the alias now pointing at it."""
+    """One registered model version (aliases are moved later, by the promotion step)."""
 
     name: str
     version: int
     model_uri: str
-    alias: str
+    run_id: str
 
 
 def resolve_tracking_uri(cfg: TrackingConfig, output_dir: Path) -> str:
@@ -162,6 +182,61 @@ def log_figure(run_id: str, fig: Any, artifact_file: str, *, tracking_uri: str) 
     _client(tracking_uri).log_figure(run_id, fig, artifact_file)
 
 
+def log_dataset(
+    run_id: str,
+    frame: pd.DataFrame,
+    *,
+    source: str,
+    name: str,
+    digest: str | None,
+    context: str,
+    tracking_uri: str,
+) -> None:
+    """Record ``frame`` (e.g. the manifest) as an MLflow dataset input of the run.
+
+    ``digest`` (at most 36 characters, MLflow's column) replaces MLflow's own hash of the frame, so
+    the run's dataset carries the pipeline's data digest.
+    """
+    dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
+    entity = Dataset(**dataset.to_dict())
+    tags = [InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]
+    _client(tracking_uri).log_inputs(run_id, [DatasetInput(dataset=entity, tags=tags)])
+
+
+def run_status(run_id: str, *, tracking_uri: str) -> str:
+    """RUNNING, FINISHED, FAILED, KILLED or SCHEDULED."""
+    return _client(tracking_uri).get_run(run_id).info.status
+
+
+def start_child_run(run_id: str, run_name: str, *, tracking_uri: str) -> str:
+    """A run nested under ``run_id`` in its experiment (shown beneath it in the MLflow UI)."""
+    client = _client(tracking_uri)
+    parent = client.get_run(run_id)
+    child = client.create_run(
+        parent.info.experiment_id, run_name=run_name, tags={MLFLOW_PARENT_RUN_ID: run_id}
+    )
+    return child.info.run_id
+
+
+@contextmanager
+def fluent_run(run_id: str, *, tracking_uri: str) -> Iterator[None]:
+    """Make ``run_id`` MLflow's active run, against ``tracking_uri``, for APIs that only use the
+    fluent run (``mlflow.models.evaluate``); the run is FINISHED when the block ends.
+
+    The global tracking URI and ``MLFLOW_TRACKING_URI`` are put back afterwards, so nothing else in
+    the process sees them change for longer than the block.
+    """
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+            yield
+    finally:
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
 def _signature(model: onnx.ModelProto) -> ModelSignature:
     def spec(value: onnx.ValueInfoProto) -> TensorSpec:
         dims = value.type.tensor_type.shape.dim
@@ -186,20 +261,29 @@ def register_onnx_model(
     name: str,
     labels: list[str],
     preprocessing: dict[str, Any],
-    alias: str,
     tracking_uri: str,
     extra_metadata: dict[str, Any] | None = None,
+    input_example: np.ndarray | None = None,
+    extra_files: Mapping[str, Path] | None = None,
 ) -> RegisteredModel:
-    """Log ``onnx_path`` as an MLflow ONNX-flavor model of the run, register it and set ``alias``.
+    """Log ``onnx_path`` as an MLflow ONNX-flavor model of the run and register a new version.
 
-    Labels and preprocessing travel three ways so every consumer finds them: in the MLmodel
-    metadata, as ``labels.json``/``preprocessing.json`` beside ``model.onnx``, and as tags of the
-    registered version. The ONNX file is stored self-contained (no external data).
+    The file is checked (``onnx.checker``, full) first: nothing unloadable enters the registry.
+    Labels and preprocessing travel four ways so every consumer finds them: in the ONNX file's
+    ``metadata_props`` (written at export), in the MLmodel metadata, as
+    ``labels.json``/``preprocessing.json`` beside ``model.onnx``, and as tags of the version.
+    ``input_example`` (one preprocessed image, NCHW) is stored with the signature;
+    ``extra_files`` (name -> file) are copied beside ``model.onnx``. No alias is set here: aliases
+    move last, once the run has finished (``promotion.apply_aliases``).
     """
+    onnx.checker.check_model(str(onnx_path), full_check=True)
     client = _client(tracking_uri)
     run = client.get_run(run_id)
     proto = onnx.load(str(onnx_path))
     metadata = {"labels": list(labels), "preprocessing": preprocessing, **(extra_metadata or {})}
+    example = None
+    if input_example is not None:
+        example = {proto.graph.input[0].name: np.asarray(input_example, dtype=np.float32)}
 
     logged = client.create_logged_model(
         run.info.experiment_id, name=name, source_run_id=run_id, model_type="onnx-classifier"
@@ -217,6 +301,7 @@ def register_onnx_model(
                     model_uuid=logged.model_id,
                 ),
                 signature=_signature(proto),
+                input_example=example,
                 metadata=metadata,
                 # Explicit requirements: inferring them loads the model in a subprocess.
                 pip_requirements=mlflow.onnx.get_default_pip_requirements(),
@@ -224,6 +309,8 @@ def register_onnx_model(
             )
             (local / LABELS_FILE).write_text(json.dumps(list(labels), indent=2))
             (local / PREPROCESSING_FILE).write_text(json.dumps(preprocessing, indent=2))
+            for file_name, path in (extra_files or {}).items():
+                shutil.copyfile(path, local / file_name)
             client.log_model_artifacts(logged.model_id, str(local))
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
     except Exception:
@@ -251,12 +338,40 @@ def register_onnx_model(
         tags=tags,
         model_id=logged.model_id,
     )
-    client.set_registered_model_alias(name, alias, version.version)
-    result = RegisteredModel(name, int(version.version), f"models:/{name}/{version.version}", alias)
-    logger.info(
-        "registered %s (alias %r, logged model %s)", result.model_uri, alias, logged.model_id
+    result = RegisteredModel(
+        name, int(version.version), f"models:/{name}/{version.version}", run_id
     )
+    logger.info("registered %s (logged model %s)", result.model_uri, logged.model_id)
     return result
+
+
+def alias_version(name: str, alias: str, *, tracking_uri: str) -> int | None:
+    """The version ``alias`` points at, or None (no such alias, or no such registered model)."""
+    try:
+        return int(_client(tracking_uri).get_model_version_by_alias(name, alias).version)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def set_alias(name: str, alias: str, version: int, *, tracking_uri: str) -> None:
+    """Point ``alias`` at ``version`` (moving it from wherever it was)."""
+    _client(tracking_uri).set_registered_model_alias(name, alias, str(version))
+
+
+def tag_version(name: str, version: int, tags: dict[str, Any], *, tracking_uri: str) -> None:
+    """Set tags on a registered version (values stringified; long ones shortened)."""
+    client = _client(tracking_uri)
+    for key, value in tags.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        client.set_model_version_tag(name, str(version), key, text[:_MAX_TAG_CHARS])
+
+
+def resolve_version(model_uri: str, tracking_uri: str) -> tuple[str, int]:
+    """``models:/name/3`` or ``models:/name@alias`` as (name, version number)."""
+    name, version = _resolve_version(_client(tracking_uri), model_uri)
+    return name, int(version)
 
 
 def _parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
@@ -269,6 +384,19 @@ def _parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
         )
     name, version, alias = match.group("name", "version", "alias")
     return name, version, alias
+
+
+def _resolve_version(client: MlflowClient, model_uri: str) -> tuple[str, str]:
+    """(name, version) that ``model_uri`` names now; a missing model or alias is a user error."""
+    name, version, alias = _parse_model_uri(model_uri)
+    if alias is None:
+        return name, str(version)
+    try:
+        return name, str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise ModelUriError(f"cannot resolve {model_uri}: {err.message}") from None
 
 
 def resolve_model_version(model_uri: str, tracking_uri: str) -> tuple[str, str]:
@@ -284,11 +412,13 @@ def load_registered(
 ) -> tuple[Path, list[str], dict[str, Any]]:
     """Download a registered version (``models:/name/3`` or ``models:/name@alias``) for serving.
 
-    Returns the local ONNX file, the class labels in output order and the preprocessing mapping.
-    The version is resolved through this URI's client: MLflow's ``models:/`` download path
-    consults the global registry URI instead.
+    Returns the local ONNX file, the class labels in output order and the preprocessing mapping,
+    read from the file's own ``metadata_props`` when it carries them (the file is then all a
+    consumer needs), else from the sidecar ``labels.json``/``preprocessing.json`` (versions
+    registered before the contract). The version is resolved through this URI's client: MLflow's
+    ``models:/`` download path consults the global registry URI instead.
     """
-    name, version, alias = _parse_model_uri(model_uri)
+    name, _, _ = _parse_model_uri(model_uri)
     db = _sqlite_file(tracking_uri)
     if db is not None and not db.is_file():
         # Asking would create an empty store there; nothing can be registered in it yet.
@@ -297,10 +427,9 @@ def load_registered(
             "one the model was trained with, or tracking.tracking_uri / MLFLOW_TRACKING_URI)"
         )
     client = _client(tracking_uri)
+    name, version = _resolve_version(client, model_uri)
     try:
-        if alias is not None:
-            version = client.get_model_version_by_alias(name, alias).version
-        source = client.get_model_version_download_uri(name, str(version))
+        source = client.get_model_version_download_uri(name, version)
     except MlflowException as err:
         if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
@@ -311,8 +440,12 @@ def load_registered(
             artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri
         )
     )
-    data = Model.load(str(local)).flavors["onnx"]["data"]
-    labels = json.loads((local / LABELS_FILE).read_text())
-    preprocessing = json.loads((local / PREPROCESSING_FILE).read_text())
+    onnx_path = local / Model.load(str(local)).flavors["onnx"]["data"]
+    embedded = onnx_contract.labels_and_preprocessing(onnx_path)
+    if embedded is not None:
+        labels, preprocessing = embedded
+    else:
+        labels = json.loads((local / LABELS_FILE).read_text())
+        preprocessing = json.loads((local / PREPROCESSING_FILE).read_text())
     logger.info("downloaded %s/%s to %s", name, version, local)
-    return local / data, labels, preprocessing
+    return onnx_path, labels, preprocessing

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from components.common.config import PipelineConfig
 from components.common.errors import ConfigError
+from components.data import naming
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,13 @@ class RunContext:
 
 
 def dataset_name(data_root: Path, cfg: PipelineConfig) -> str:
-    raw = cfg.data.name or Path(data_root).resolve().name
-    return re.sub(r"[^a-z0-9]+", "-", raw.lower()).strip("-") or "dataset"
+    """``data.name``, else the first non-generic folder up from the data (``mnist/train``: mnist)."""
+    return naming.dataset_name(data_root, cfg.data.name)
+
+
+def registered_model_name(ctx: RunContext, cfg: PipelineConfig) -> str:
+    """``tracking.model_name`` as configured (validated there), else the dataset's name."""
+    return cfg.tracking.model_name or ctx.name
 
 
 def make_context(data_root: Path, cfg: PipelineConfig) -> RunContext:

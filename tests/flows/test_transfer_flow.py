@@ -6,13 +6,22 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from mlflow import MlflowClient
 
 from components.common.config import build_config
+from components.common.errors import PipelineError
+from components.deploy import tracking
 from components.deploy.tracking import load_registered
-from components.engine.images import Preprocessing, preprocess_file
+from components.engine.images import (
+    Preprocessing,
+    eval_pixels,
+    normalise,
+    open_image,
+    preprocess_file,
+)
 from flows.cli import main
 from flows.transfer import plan_flow, transfer_flow
 
@@ -67,8 +76,36 @@ def test_flow_goes_from_folder_to_registered_onnx_model(digits_root: Path, tmp_p
         "report/similarity_profile.png",
         "report/confusion_val.png",
     } <= artifacts
-    version = client.get_model_version_by_alias(summary["registered_model"], "candidate")
-    assert int(version.version) == summary["model_version"] == 1
+    # The first version above the floor is champion; the comparison is logged and tagged.
+    name = summary["registered_model"]
+    assert name == "digits"
+    gate = summary["promotion"]
+    assert gate["verdict"] == "promoted-first" and gate["champion_version"] is None
+    assert gate["challenger_version"] == 1 and gate["champion_now"] == 1
+    assert gate["split"] == "test" and gate["n"] == summary["counts"]["per_split"]["test"]
+    assert gate["challenger_accuracy"] == pytest.approx(
+        summary["metrics"]["test_accuracy"], abs=0.03
+    )
+    assert gate["champion_uri"] == "models:/digits@champion"
+    for alias in ("challenger", "champion"):
+        assert int(client.get_model_version_by_alias(name, alias).version) == 1
+    version = client.get_model_version(name, "1")
+    assert version.tags["promotion.verdict"] == "promoted-first"
+    assert run.data.params["promotion.verdict"] == "promoted-first"
+    assert run.data.metrics["gate_promoted"] == 1.0
+    assert "promotion.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    report = client.download_artifacts(run.info.run_id, "report/decision.md", str(tmp_path))
+    assert "## Promotion" in Path(report).read_text()
+    # The training data is the run's dataset input, under the digest the ONNX file records.
+    [dataset] = run.inputs.dataset_inputs
+    digest = run.data.params["data_digest"]
+    assert dataset.dataset.digest == digest and dataset.dataset.name == "digits"
+    props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert props["transfer_pipeline.data_digest"] == digest
+    assert (
+        props["transfer_pipeline.case"] == "2" and props["transfer_pipeline.cut"] == summary["cut"]
+    )
+    assert json.loads(props["transfer_pipeline.labels"]) == labels
 
     # The model's training-data profile is saved next to it and logged with the run.
     profile_dir = Path(summary["run_dir"]) / "profile"
@@ -91,7 +128,28 @@ def test_flow_goes_from_folder_to_registered_onnx_model(digits_root: Path, tmp_p
     sim = again["similarity"]
     assert sim["profile"]["score"] > 0.9 and sim["bn_score"] < 0.5
     assert sim["score"] == pytest.approx(sim["bn_score"] ** 0.5 * sim["profile"]["score"] ** 0.5)
-    mlflow.set_tracking_uri(None)
+    # Version 2 was judged against version 1 on the same test images.
+    gate = again["promotion"]
+    assert gate["champion_version"] == 1 and gate["n"] == summary["promotion"]["n"]
+    assert gate["champion_accuracy"] == pytest.approx(summary["promotion"]["challenger_accuracy"])
+    assert gate["verdict"] in ("promoted-better", "promoted-no-worse", "rejected-worse")
+    assert gate["champion_now"] == (2 if gate["promote"] else 1)
+    assert int(client.get_model_version_by_alias(name, "challenger").version) == 2
+
+    # A run that fails after registering its version moves no alias.
+    def broken(*args, **kwargs):
+        raise PipelineError("injected failure after registration")
+
+    champion_before = gate["champion_now"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tracking, "tag_version", broken)
+        with pytest.raises(PipelineError, match="injected"):
+            transfer_flow(data=str(digits_root), config=cfg)
+    failed = client.get_model_version(name, "3")
+    assert client.get_run(failed.run_id).info.status == "FAILED"
+    assert int(client.get_model_version_by_alias(name, "champion").version) == champion_before
+    assert int(client.get_model_version_by_alias(name, "challenger").version) == 2
+    assert mlflow.get_tracking_uri() != uri  # the gate's fluent evaluation put the URI back
 
 
 def test_verification_trains_the_runner_up_on_a_nested_split(
@@ -158,7 +216,18 @@ def test_cli_json_summary_and_plan(digits_root: Path, tmp_path: Path, capsys) ->
     assert plan["scan"]["layout"] == "classes" and plan["scan"]["clutter"] == {"__MACOSX": 1}
 
     code = main(
-        ["run", "--data", str(digits_root), "--config", str(cfg_file), "--case", "1", "--json"]
+        [
+            "run",
+            "--data",
+            str(digits_root),
+            "--config",
+            str(cfg_file),
+            "--case",
+            "1",
+            "--json",
+            "--set",
+            "export.embed_preprocessing=true",
+        ]
     )
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and summary["case"] == 1 and summary["overridden"]
@@ -171,10 +240,32 @@ def test_cli_json_summary_and_plan(digits_root: Path, tmp_path: Path, capsys) ->
         "onnx_path",
         "mlflow_run_id",
         "model_version",
+        "promotion",
         "seconds",
     ):
         assert key in summary
     assert Path(summary["onnx_path"]).is_file()
+    assert {"verdict", "champion_version", "challenger_version", "p_value"} <= set(
+        summary["promotion"]
+    )
+    # The uint8 NHWC graph, normalisation inside, agrees with the float graph on real images.
+    prep = Preprocessing.from_dict(
+        json.loads(
+            {p.key: p.value for p in onnx.load(summary["onnx_path"]).metadata_props}[
+                "transfer_pipeline.preprocessing"
+            ]
+        )
+    )
+    images = sorted(digits_root.glob("4/*.png"))[:5]
+    pixels = np.stack([eval_pixels(open_image(p, keep_grey=True), prep) for p in images])
+    uint8 = ort.InferenceSession(summary["onnx_uint8_path"], providers=["CPUExecutionProvider"])
+    plain = ort.InferenceSession(summary["onnx_path"], providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(
+        uint8.run(None, {"input": pixels})[0],
+        plain.run(None, {"input": normalise(pixels, prep)})[0],
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_cli_stops_with_a_clear_message_on_bad_data(tmp_path: Path, capsys) -> None:

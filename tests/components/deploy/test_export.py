@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +18,18 @@ from torch import nn
 
 from components.common.config import ExportConfig
 from components.common.errors import ExportParityError, PipelineError
+from components.deploy import onnx_contract
 from components.deploy.export import (
     ExportResult,
     check_parity,
     export_onnx,
+    export_uint8,
     onnx_session,
 )
+from components.deploy.onnx_contract import ModelContract
+from components.engine.images import Preprocessing, normalise
 from components.engine.onnx_graphs import static_same_padding
+from tests.conftest import tiny_classifier
 
 CFG = ExportConfig()
 SIZE = 64
@@ -199,3 +206,64 @@ def test_a_batch_size_baked_into_the_graph_fails_the_export(tmp_path: Path) -> N
     with pytest.raises((ExportParityError, PipelineError), match=str(out)):
         export_onnx(PerImageLoop(), torch.randn(4, 3, 8, 8), out, CFG)
     assert not out.exists()
+
+
+def _contract() -> ModelContract:
+    prep = Preprocessing(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1.0)
+    return ModelContract(("a", "b", "c"), prep.to_dict(), "tiny", "f" * 64, 2, "blocks.1", "e" * 32)
+
+
+def test_the_contract_is_inside_the_checked_file_and_restamping_replaces_it(
+    tmp_path: Path,
+) -> None:
+    contract = _contract()
+    result = export_onnx(
+        tiny_classifier(3), torch.randn(4, 3, 32, 32), tmp_path / "m.onnx", CFG, contract
+    )
+    props = onnx_contract.read_props(result.onnx_path)
+    assert set(props) == {
+        "labels",
+        "preprocessing",
+        "input_format",
+        "backbone",
+        "backbone_weights_sha256",
+        "case",
+        "cut",
+        "data_digest",
+        "pipeline_version",
+        "opset",
+    }
+    assert props["opset"] == str(result.opset) and props["case"] == "2"
+    assert props["pipeline_version"] == onnx_contract.pipeline_version() != ""
+    assert onnx_contract.labels_and_preprocessing(result.onnx_path) == (
+        ["a", "b", "c"],
+        json.loads(json.dumps(contract.preprocessing)),
+    )
+    model = onnx.load(str(result.onnx_path))
+    model.metadata_props.add(key="producer.note", value="kept")
+    onnx.save(model, str(result.onnx_path))
+    onnx_contract.stamp(result.onnx_path, replace(contract, cut=None))
+    keys = [p.key for p in onnx.load(str(result.onnx_path)).metadata_props]
+    assert "producer.note" in keys and len(keys) == len(set(keys)) == 11
+    assert onnx_contract.read_props(result.onnx_path)["cut"] == ""
+
+
+def test_the_uint8_graph_normalises_inside_and_matches_the_float_graph(tmp_path: Path) -> None:
+    contract = _contract()
+    prep = Preprocessing.from_dict(contract.preprocessing)
+    model = tiny_classifier(3)
+    pixels = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8)
+    plain = export_onnx(model, torch.randn(4, 3, 32, 32), tmp_path / "f.onnx", CFG, contract)
+    embedded = export_uint8(model, pixels, tmp_path / "u8.onnx", prep, CFG, contract)
+    assert embedded.argmax_agreement == 1.0 and embedded.n_checked == 5
+    session = onnx_session(embedded.onnx_path)
+    [inp] = session.get_inputs()
+    assert inp.type == "tensor(uint8)" and inp.shape[1:] == [32, 32, 3]
+    got = session.run(["logits"], {"input": pixels[:3].numpy()})[0]  # another batch size
+    want = _onnx_logits(plain.onnx_path, torch.from_numpy(normalise(pixels[:3].numpy(), prep)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    props = onnx_contract.read_props(embedded.onnx_path)
+    assert props["input_format"] == onnx_contract.UINT8_NHWC
+    assert json.loads(props["preprocessing"])["layout"] == "NHWC"
+    with pytest.raises(ValueError, match="uint8"):
+        export_uint8(model, pixels.float(), tmp_path / "x.onnx", prep, CFG)

@@ -6,8 +6,11 @@ import json
 import os
 from pathlib import Path
 
+import mlflow
 import numpy as np
+import onnx
 import onnxruntime
+import pandas as pd
 import pytest
 import torch
 from matplotlib.figure import Figure
@@ -16,8 +19,10 @@ from mlflow.models import Model
 
 from components.common.config import ExportConfig, TrackingConfig
 from components.common.errors import ModelUriError
-from components.deploy import tracking
+from components.data.digest import data_digest
+from components.deploy import onnx_contract, tracking
 from components.deploy.export import export_onnx
+from components.deploy.onnx_contract import ModelContract
 from tests.conftest import tiny_classifier
 
 LABELS = ["cat", "dog", "fox"]
@@ -102,32 +107,45 @@ def test_failed_run_is_marked_failed(store: tuple[TrackingConfig, Path, str]) ->
         tracking.finish_run(run_id, "DONE", tracking_uri=uri)
 
 
-def test_register_twice_moves_alias_and_round_trips(
+def test_register_twice_round_trips_and_sets_no_alias(
     store: tuple[TrackingConfig, Path, str], onnx_file: Path, tmp_path: Path
 ) -> None:
     cfg, output_dir, uri = store
     run_id = tracking.start_run(cfg, output_dir, "register", {})
+    example = np.zeros((1, 3, 32, 32), np.float32)
     first = tracking.register_onnx_model(
-        run_id, onnx_file, "pets", LABELS, PREP, "candidate", uri, extra_metadata={"case": 2}
+        run_id, onnx_file, "pets", LABELS, PREP, uri, extra_metadata={"case": 2}
     )
-    second = tracking.register_onnx_model(run_id, onnx_file, "pets", LABELS, PREP, "candidate", uri)
+    second = tracking.register_onnx_model(
+        run_id, onnx_file, "pets", LABELS, PREP, uri, input_example=example
+    )
     tracking.finish_run(run_id, tracking_uri=uri)
 
     assert (first.version, second.version) == (1, 2)
-    assert second == tracking.RegisteredModel("pets", 2, "models:/pets/2", "candidate")
+    assert second == tracking.RegisteredModel("pets", 2, "models:/pets/2", run_id)
+    # Aliases are the promotion step's, once the run has finished.
+    assert tracking.alias_version("pets", "champion", tracking_uri=uri) is None
+    assert tracking.alias_version("no-such-model", "champion", tracking_uri=uri) is None
+    tracking.set_alias("pets", "challenger", 2, tracking_uri=uri)
+    assert tracking.alias_version("pets", "challenger", tracking_uri=uri) == 2
+    assert tracking.resolve_version("models:/pets@challenger", uri) == ("pets", 2)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    assert int(client.get_model_version_by_alias("pets", "candidate").version) == 2
     version = client.get_model_version("pets", "1")
     assert json.loads(version.tags["labels"]) == LABELS
     assert json.loads(version.tags["preprocessing"]) == PREP
     assert version.tags["case"] == "2"
     assert version.run_id == run_id
+    tracking.tag_version("pets", 1, {"promotion.verdict": "promoted-first"}, tracking_uri=uri)
+    assert client.get_model_version("pets", "1").tags["promotion.verdict"] == "promoted-first"
 
     local_dir = tmp_path / "served"
-    path, labels, prep = tracking.load_registered("models:/pets@candidate", uri, local_dir)
-    assert (labels, prep) == (LABELS, PREP)
+    path, labels, prep = tracking.load_registered("models:/pets@challenger", uri, local_dir)
+    assert (labels, prep) == (LABELS, PREP)  # from the sidecar files: this file has no contract
     assert path.is_file() and path.is_relative_to(local_dir)
-    assert Model.load(str(path.parent)).metadata["labels"] == LABELS
+    model = Model.load(str(path.parent))
+    assert model.metadata["labels"] == LABELS
+    assert [i["name"] for i in model.signature.inputs.to_dict()] == ["input"]
+    assert model.saved_input_example_info is not None  # the example travels with the signature
     assert [p.name for p in path.parent.glob("*.onnx*")] == ["model.onnx"]  # no external data
 
     x = np.random.default_rng(0).standard_normal((5, 3, 32, 32), dtype=np.float32)
@@ -138,6 +156,99 @@ def test_register_twice_moves_alias_and_round_trips(
     )
     older, _, _ = tracking.load_registered("models:/pets/1", uri, tmp_path / "v1")
     assert older.read_bytes() == path.read_bytes()
+    assert list(Path.cwd().iterdir()) == []
+
+
+def test_load_registered_reads_the_contract_inside_the_onnx_file(
+    store: tuple[TrackingConfig, Path, str], tmp_path: Path
+) -> None:
+    cfg, output_dir, uri = store
+    contract = ModelContract(
+        labels=tuple(LABELS),
+        preprocessing=PREP,
+        backbone="efficientnet_lite0",
+        backbone_weights_sha256="ab" * 32,
+        case=2,
+        cut="blocks.3",
+        data_digest="0123456789abcdef" * 2,
+    )
+    model = tiny_classifier(len(LABELS))
+    path = export_onnx(
+        model, torch.randn(4, 3, 32, 32), tmp_path / "m.onnx", ExportConfig(), contract
+    ).onnx_path
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(props["transfer_pipeline.labels"]) == LABELS
+    assert json.loads(props["transfer_pipeline.preprocessing"]) == PREP
+    assert props["transfer_pipeline.cut"] == "blocks.3"
+    assert props["transfer_pipeline.data_digest"] == contract.data_digest
+    assert int(props["transfer_pipeline.opset"]) >= ExportConfig().opset
+
+    run_id = tracking.start_run(cfg, output_dir, "contract", {})
+    # Sidecars that disagree with the file: the file's own contract must win.
+    registered = tracking.register_onnx_model(
+        run_id, path, "pets", ["x", "y", "z"], {}, uri, extra_files={"model_uint8.onnx": path}
+    )
+    tracking.finish_run(run_id, tracking_uri=uri)
+    served, labels, prep = tracking.load_registered(registered.model_uri, uri, tmp_path / "s")
+    assert (labels, prep) == (LABELS, PREP)
+    assert onnx_contract.read_props(served)["backbone"] == "efficientnet_lite0"
+    assert (served.parent / "model_uint8.onnx").read_bytes() == path.read_bytes()
+
+
+def test_registration_refuses_an_invalid_onnx_file(
+    store: tuple[TrackingConfig, Path, str], onnx_file: Path, tmp_path: Path
+) -> None:
+    cfg, output_dir, uri = store
+    broken = onnx.load(str(onnx_file))
+    broken.graph.node[0].input[0] = "nowhere"
+    bad = tmp_path / "bad.onnx"
+    onnx.save(broken, str(bad))
+    run_id = tracking.start_run(cfg, output_dir, "bad", {})
+    with pytest.raises(onnx.checker.ValidationError):
+        tracking.register_onnx_model(run_id, bad, "pets", LABELS, PREP, uri)
+    assert MlflowClient(tracking_uri=uri).search_registered_models() == []
+
+
+def test_training_data_is_logged_as_a_dataset_with_the_pipeline_digest(
+    store: tuple[TrackingConfig, Path, str],
+) -> None:
+    cfg, output_dir, uri = store
+    manifest = pd.DataFrame(
+        {
+            "path": ["/d/a/1.png", "/d/b/2.png"],
+            "label": ["a", "b"],
+            "split": ["train", "test"],
+            "sha256": ["1" * 64, "2" * 64],
+        }
+    )
+    run_id = tracking.start_run(cfg, output_dir, "data", {})
+    digest = data_digest(manifest)
+    tracking.log_dataset(
+        run_id,
+        manifest,
+        source="/d",
+        name="pets",
+        digest=digest,
+        context="training",
+        tracking_uri=uri,
+    )
+    inputs = MlflowClient(tracking_uri=uri).get_run(run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("pets", digest)]
+    assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "training"
+    assert json.loads(inputs[0].dataset.profile)["num_rows"] == 2
+
+
+def test_fluent_run_puts_the_global_tracking_uri_back(
+    store: tuple[TrackingConfig, Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg, output_dir, uri = store
+    run_id = tracking.start_run(cfg, output_dir, "fluent", {})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///someone-elses.db")
+    with tracking.fluent_run(run_id, tracking_uri=uri):
+        assert mlflow.active_run().info.run_id == run_id
+        assert mlflow.get_tracking_uri() == uri
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///someone-elses.db"
+    assert mlflow.active_run() is None
     assert list(Path.cwd().iterdir()) == []
 
 
