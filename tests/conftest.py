@@ -99,9 +99,7 @@ def register_tiny_versions(
         ).onnx_path
         prep = Preprocessing(image_size=size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
         run_id = tracking.start_run(cfg, folder, f"v{i + 1}", {})
-        tracking.register_onnx_model(
-            run_id, onnx_path, name, labels, prep.to_dict(), "candidate", tracking_uri
-        )
+        tracking.register_onnx_model(run_id, onnx_path, name, labels, prep.to_dict(), tracking_uri)
         tracking.finish_run(run_id, tracking_uri=tracking_uri)
         models.append(model)
     MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).set_registered_model_alias(

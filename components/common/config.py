@@ -109,13 +109,18 @@ class StrategyConfig(_Section):
     similar_threshold: float = Field(0.5, ge=0, le=1)
     # Case 2: cut after this block index (0-based) of the backbone; None = measured by probing.
     cut_block: int | None = None
-    # Budgeted verification: also train the runner-up case on a nested split of the training
-    # data and keep the better. "auto" runs it when the evidence is close (images per class within
-    # verify_size_factor of large_images_per_class, or an uncertain similarity call) and its
-    # estimated cost fits verify_budget_s.
+    # Budgeted verification: also train the runner-up case (frozen <-> fine-tuned) on a nested
+    # split of the training data and keep the better. "auto" runs it whenever its committed cost
+    # (the frozen case plus the fine-tune up to its first comparison, verify_rung_fraction of its
+    # epochs) fits the budget: verify_budget_share of the full fine-tune it could unlock, at least
+    # verify_budget_s and at most verify_budget_max_s. "on" runs it regardless.
     verify: Literal["off", "on", "auto"] = "auto"
-    verify_size_factor: float = Field(4.0, ge=1)
     verify_budget_s: float = Field(120.0, ge=0)
+    verify_budget_share: float = Field(0.5, ge=0)
+    verify_budget_max_s: float = Field(3600.0, ge=0)
+    # From this share of its epochs on, the fine-tuned side stops as soon as it is clearly behind
+    # or clearly ahead of the frozen side (by verify_margin_se standard errors).
+    verify_rung_fraction: float = Field(0.34, gt=0, le=1)
     verify_fraction: float = Field(0.2, gt=0, lt=0.5)  # share of training images held out
     # The runner-up replaces the rule's case only if it wins on the nested split by more than this
     # many standard errors of the accuracy difference (noise on a small held-out set is no win).

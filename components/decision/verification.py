@@ -1,15 +1,18 @@
-"""Budgeted verification: the size x similarity rule is a prior, so check it where it is close.
+"""Budgeted verification: the size x similarity rule is a prior, so measure it when it is cheap.
 
-The rule can be wrong near its thresholds: where fine-tuning starts to beat a frozen backbone
-depends on the data, not only on a count of images per class. The weaker of the two judgements is size (where fine-tuning starts to pay depends on the
-data), so the runner-up is the same similarity with the other size: frozen <-> fine-tuned. The
-similarity axis needs no such check: case 2's probe already scores every cut, the head included.
+Where fine-tuning starts to beat a frozen backbone depends on the data, not only on a count of
+images per class, so the runner-up is the same similarity with the other size: frozen <-> fine-tuned.
+The similarity axis needs no such check: the probe already scores every cut, the head included.
 
 Both cases are trained on a nested split of the training images (the validation split stays
-untouched for the final, honest figure) and the runner-up replaces the rule's case only if it wins
-by more than the noise of the held-out set. In ``auto`` mode this runs when the evidence is close (images per class
-near the size threshold, or an uncertain similarity call) and the measured cost estimate fits the
-budget; ``on`` runs it regardless.
+untouched for the final, honest figure). The frozen side costs seconds and is trained first; the
+fine-tuned side then races against its score: from a fraction of its epochs on it stops as soon as
+it is clearly behind or clearly ahead (successive-halving style), so a losing check costs little.
+The runner-up replaces the rule's case only if it wins by more than the noise of the held-out set.
+
+In ``auto`` mode the check runs whenever its committed cost (frozen side plus the fine-tune up to
+its first comparison) fits the budget, which scales with the work: a share of the full fine-tune
+the check could unlock, with a floor and a cap in seconds. On a GPU that is nearly always.
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
 from components.common.config import StrategyConfig
+from components.common.intervals import wilson_interval
 from components.common.plan import TransferPlan
 from components.data.splits import SplitData
-from components.decision.costs import case_seconds
+from components.decision.costs import case_seconds, finetune_seconds
 from components.training.cases import TrainingJob, train_case
+from components.training.finetune import RaceRule
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +47,25 @@ class VerificationDecision:
     run: bool
     rule_case: int
     runner_up: int
-    estimated_seconds: float | None  # measured only when the cost matters
+    estimated_seconds: float | None  # committed cost: frozen side + fine-tune to its first rung
     budget_seconds: float
     reason: str
+    worst_seconds: float | None = None  # if the race is never settled early
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
-def _size_ratio(plan: TransferPlan) -> float:
-    n, threshold = max(plan.min_images_per_class, 1), plan.large_images_per_class
-    return max(n / threshold, threshold / n)
+def rung_epochs(epochs: int, fraction: float) -> int:
+    """Epochs a raced fine-tune runs before its first comparison (at least one)."""
+    return max(1, math.ceil(epochs * fraction))
 
 
-def evidence_is_close(plan: TransferPlan, cfg: StrategyConfig) -> bool:
-    """Near the size threshold (within ``verify_size_factor``) or an uncertain similarity call."""
-    return plan.uncertain or _size_ratio(plan) <= cfg.verify_size_factor
+def verification_budget(full_seconds: float, cfg: StrategyConfig) -> float:
+    """A share of the full fine-tune the check could unlock, within the floor and the cap."""
+    return min(
+        cfg.verify_budget_max_s, max(cfg.verify_budget_s, cfg.verify_budget_share * full_seconds)
+    )
 
 
 def decide_verification(
@@ -66,47 +74,56 @@ def decide_verification(
     n_train: int,
     epochs: int,
     images_per_second: Callable[[], float],
+    n_val: int = 0,
 ) -> VerificationDecision:
-    """Run the check when asked to (``on``), or (``auto``) when the evidence is close and the
-    estimated cost fits the budget. The training rate is measured only when the cost matters."""
+    """Run the check when asked to (``on``), or (``auto``) when its committed cost fits the
+    budget. The training rate is measured only when the cost matters."""
     runner_up = RUNNER_UP[plan.case]
     inner_val = round(n_train * cfg.verify_fraction)
+    rung = rung_epochs(epochs, cfg.verify_rung_fraction)
 
-    def estimate() -> float:
+    def costs() -> tuple[float, float, float]:
         rate = images_per_second()
-        return sum(
+        committed = sum(
+            case_seconds(c, n_train - inner_val, inner_val, rung, rate)
+            for c in (plan.case, runner_up)
+        )
+        worst = sum(
             case_seconds(c, n_train - inner_val, inner_val, epochs, rate)
             for c in (plan.case, runner_up)
         )
+        full = finetune_seconds(n_train, n_val, epochs, rate)
+        return committed, worst, full
 
-    seconds = None
+    seconds = worst = None
+    budget = cfg.verify_budget_s
     if cfg.verify == "off":
         run, why = False, "verification is off"
     elif plan.overridden:
         run, why = False, "the case was set by configuration"
-    elif cfg.verify == "on":
-        run, why, seconds = True, "verification is on", estimate()
-    elif not evidence_is_close(plan, cfg):
-        ratio = _size_ratio(plan)
-        run, why = (
-            False,
-            f"the evidence is not close ({plan.min_images_per_class} images per class is "
-            f"{ratio:.1f}x from the {plan.large_images_per_class} threshold, beyond the "
-            f"{cfg.verify_size_factor:g}x where auto verifies, and the similarity call is certain)",
-        )
     else:
-        seconds = estimate()
-        run = seconds <= cfg.verify_budget_s
-        relation = "fits" if run else "exceeds"
-        why = f"its estimated {seconds:.0f} s {relation} the {cfg.verify_budget_s:.0f} s budget"
+        seconds, worst, full = costs()
+        budget = verification_budget(full, cfg)
+        if cfg.verify == "on":
+            run, why = True, "verification is on"
+        else:
+            run = seconds <= budget
+            relation = "fits" if run else "exceeds"
+            why = (
+                f"its committed cost of ~{seconds:.0f} s (the fine-tune up to epoch {rung} of "
+                f"{epochs}, at most ~{worst:.0f} s if the race stays close) {relation} the "
+                f"{budget:.0f} s budget ({cfg.verify_budget_share:g} x the ~{full:.0f} s full "
+                f"fine-tune, within {cfg.verify_budget_s:.0f}-{cfg.verify_budget_max_s:.0f} s)"
+            )
     return VerificationDecision(
         cfg.verify,
         run,
         plan.case,
         runner_up,
         None if seconds is None else round(seconds, 1),
-        cfg.verify_budget_s,
+        round(budget, 1),
         why,
+        None if worst is None else round(worst, 1),
     )
 
 
@@ -146,11 +163,17 @@ class VerificationResult:
     margin: float
     n_inner_train: int
     n_inner_val: int
+    raced: dict[int, str | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return {
             **self.decision.to_dict(),
             "inner_accuracy": {str(k): v for k, v in self.inner_accuracy.items()},
+            "inner_interval": {
+                str(k): wilson_interval(round(v * self.n_inner_val), self.n_inner_val)
+                for k, v in self.inner_accuracy.items()
+            },
+            "raced": {str(k): v for k, v in self.raced.items()},
             "inner_seconds": {str(k): v for k, v in self.inner_seconds.items()},
             "chosen_case": self.chosen_case,
             "margin": self.margin,
@@ -167,30 +190,49 @@ class VerificationResult:
             else f"kept case {rule} (the runner-up must win by more than {self.margin:.3f}, "
             "one standard error of the difference)"
         )
+        stops = "".join(
+            f" (case {c} stopped early, clearly {why})" for c, why in self.raced.items() if why
+        )
         return (
             f"Verified on a nested split ({self.n_inner_train} training / {self.n_inner_val} held-out "
-            f"images): case {rule} scored {acc[rule]:.3f}, runner-up case {other} {acc[other]:.3f}; "
-            f"{verdict}."
+            f"images): case {rule} scored {acc[rule]:.3f}, runner-up case {other} {acc[other]:.3f}"
+            f"{stops}; {verdict}."
         )
 
 
 def verify_runner_up(
     job: TrainingJob, runner_up: TransferPlan, decision: VerificationDecision, cfg: StrategyConfig
 ) -> VerificationResult:
-    """Train the rule's case and the runner-up on a nested split; keep the better."""
+    """Train both cases on a nested split, the frozen one first; the fine-tuned one races it and
+    stops once clearly behind or ahead. Keep the runner-up only if it wins beyond noise."""
     inner_train, inner_val = nested_split(job.train, cfg.verify_fraction, job.seed)
+    n = len(inner_val.labels)
     accuracy: dict[int, float] = {}
     seconds: dict[int, float] = {}
-    for plan in (job.plan, runner_up):
+    raced: dict[int, str | None] = {}
+    plans = sorted((job.plan, runner_up), key=lambda p: p.case not in (1, 2))  # frozen first
+    frozen_accuracy: float | None = None
+    for plan in plans:
+        race = None
+        if frozen_accuracy is not None:
+            margin = cfg.verify_margin_se * difference_se(frozen_accuracy, frozen_accuracy, n)
+            race = RaceRule(
+                rung_epochs(job.cfg.finetune_epochs, cfg.verify_rung_fraction) - 1,
+                frozen_accuracy - margin,
+                frozen_accuracy + margin,
+            )
         start = time.perf_counter()
         folder = job.run_dir / "verification" / f"case{plan.case}"
         result = train_case(
-            replace(job, plan=plan, train=inner_train, val=inner_val, run_dir=folder)
+            replace(job, plan=plan, train=inner_train, val=inner_val, run_dir=folder, race=race)
         )
         accuracy[plan.case] = result.val_accuracy
         seconds[plan.case] = round(time.perf_counter() - start, 1)
+        raced[plan.case] = next((a.get("raced") for a in result.attempts if a.get("raced")), None)
+        if plan.case in (1, 2):
+            frozen_accuracy = result.val_accuracy
     margin = cfg.verify_margin_se * difference_se(
-        accuracy[job.plan.case], accuracy[runner_up.case], len(inner_val.labels)
+        accuracy[job.plan.case], accuracy[runner_up.case], n
     )
     wins = accuracy[runner_up.case] > accuracy[job.plan.case] + margin
     chosen = runner_up.case if wins else job.plan.case
@@ -202,5 +244,6 @@ def verify_runner_up(
         chosen,
         round(margin, 4),
         len(inner_train.labels),
-        len(inner_val.labels),
+        n,
+        raced,
     )

@@ -370,6 +370,8 @@ def tag_version(name: str, version: int, tags: dict[str, Any], *, tracking_uri: 
 
 def resolve_version(model_uri: str, tracking_uri: str) -> tuple[str, int]:
     """``models:/name/3`` or ``models:/name@alias`` as (name, version number)."""
+    _parse_model_uri(model_uri)
+    _require_store(model_uri, tracking_uri)
     name, version = _resolve_version(_client(tracking_uri), model_uri)
     return name, int(version)
 
@@ -396,7 +398,18 @@ def _resolve_version(client: MlflowClient, model_uri: str) -> tuple[str, str]:
     except MlflowException as err:
         if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
-        raise ModelUriError(f"cannot resolve {model_uri}: {err.message}") from None
+        raise ModelUriError(f"cannot load {model_uri}: {err.message}") from None
+
+
+def _require_store(model_uri: str, tracking_uri: str) -> None:
+    """Refuse to look a model up in a SQLite store that does not exist: asking would create an
+    empty one there, and nothing can be registered in it yet."""
+    db = _sqlite_file(tracking_uri)
+    if db is not None and not db.is_file():
+        raise ModelUriError(
+            f"cannot load {model_uri}: there is no MLflow store at {db} (set output_dir to the "
+            "one the model was trained with, or tracking.tracking_uri / MLFLOW_TRACKING_URI)"
+        )
 
 
 def resolve_model_version(model_uri: str, tracking_uri: str) -> tuple[str, str]:
@@ -404,6 +417,8 @@ def resolve_model_version(model_uri: str, tracking_uri: str) -> tuple[str, str]:
 
     Cheap (one registry query), so a server can poll it to notice an alias that moved.
     """
+    _parse_model_uri(model_uri)
+    _require_store(model_uri, tracking_uri)
     return _resolve_version(_client(tracking_uri), model_uri)
 
 
@@ -418,14 +433,8 @@ def load_registered(
     registered before the contract). The version is resolved through this URI's client: MLflow's
     ``models:/`` download path consults the global registry URI instead.
     """
-    name, _, _ = _parse_model_uri(model_uri)
-    db = _sqlite_file(tracking_uri)
-    if db is not None and not db.is_file():
-        # Asking would create an empty store there; nothing can be registered in it yet.
-        raise ModelUriError(
-            f"cannot load {model_uri}: there is no MLflow store at {db} (set output_dir to the "
-            "one the model was trained with, or tracking.tracking_uri / MLFLOW_TRACKING_URI)"
-        )
+    _parse_model_uri(model_uri)
+    _require_store(model_uri, tracking_uri)
     client = _client(tracking_uri)
     name, version = _resolve_version(client, model_uri)
     try:

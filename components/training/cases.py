@@ -25,7 +25,7 @@ from components.engine.extraction import choose_device
 from components.engine.images import Preprocessing
 from components.training.distributed import resolve_processes
 from components.training.distributed_finetune import launch_distributed
-from components.training.finetune import FinetuneSettings, finetune
+from components.training.finetune import FinetuneSettings, RaceRule, finetune
 from components.training.heads import HeadFit, fit_linear_head
 from components.training.models import FrozenTransferModel, ModelSpec, build_model, save_model
 
@@ -78,6 +78,7 @@ class TrainingJob:
     prep: Preprocessing
     run_dir: Path
     seed: int
+    race: RaceRule | None = None  # verification: stop a fine-tune once its comparison is settled
 
 
 _Trained = tuple[torch.nn.Module, ModelSpec, float, tuple[dict[str, float], ...]]
@@ -130,6 +131,7 @@ def _finetuned(job: TrainingJob, device: torch.device) -> tuple[_Trained, list[d
         num_workers=cfg.num_workers,
         flip=plan.similarity == "similar",
         freeze_bn=True,
+        race=job.race,
     )
     attempts: list[dict[str, object]] = [
         {"init": "frozen probe", "val_accuracy": probe.val_accuracy, "trained": "linear head only"}
@@ -165,10 +167,13 @@ def _finetuned(job: TrainingJob, device: torch.device) -> tuple[_Trained, list[d
                 "best_epoch": result.best_epoch,
                 "seconds": result.seconds,
                 "resumed_from_epoch": result.resumed_from_epoch,
+                "raced": result.raced,
             }
         )
         if best is None or result.val_accuracy > best[2]:
             best = (model, spec, result.val_accuracy, result.history)
+        if result.raced is not None:  # a verification race is settled: no fallback needed
+            break
         if init == "pretrained" and plan.case == 4:
             target = max(cfg.success_accuracy, probe.val_accuracy)
             success = result.val_accuracy >= target

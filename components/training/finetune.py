@@ -34,6 +34,29 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class RaceRule:
+    """Stop a fine-tune once it is clearly behind or clearly ahead of a known rival score.
+
+    Used when verification races a fine-tune against a frozen case already scored on the same
+    held-out images: from ``after_epoch`` (0-based) on, a validation accuracy below ``behind`` or
+    above ``ahead`` settles the question, and further epochs would only cost time.
+    """
+
+    after_epoch: int
+    behind: float
+    ahead: float
+
+    def verdict(self, epoch: int, accuracy: float) -> str | None:
+        if epoch < self.after_epoch:
+            return None
+        if accuracy < self.behind:
+            return "behind"
+        if accuracy > self.ahead:
+            return "ahead"
+        return None
+
+
+@dataclass(frozen=True)
 class FinetuneSettings:
     """What one fine-tuning run needs beyond the model and the data."""
 
@@ -51,6 +74,7 @@ class FinetuneSettings:
     # on features normalised by those statistics, and batch statistics of data far from the source
     # (digits vs ImageNet) would hand it very different features and a loss spike at step one.
     freeze_bn: bool = False
+    race: RaceRule | None = None  # verification only: stop once the comparison is settled
 
 
 @dataclass(frozen=True)
@@ -61,6 +85,7 @@ class FinetuneResult:
     resumed_from_epoch: int | None
     seconds: float
     samples_seen: tuple[int, ...] = ()  # training samples each process stepped on in this call
+    raced: str | None = None  # "behind" / "ahead" when a race rule stopped it, with the epoch
 
 
 def _loader(
@@ -244,6 +269,7 @@ def finetune(
         )
     trainer = distributed.wrap(model, device)
     samples = 0
+    raced = None
     for epoch in range(first_epoch, settings.epochs):
         if epoch - best_epoch > settings.patience and best_epoch >= 0:
             log.info("early stop: no improvement for %d epochs", settings.patience)
@@ -293,6 +319,11 @@ def finetune(
                 state["rng_per_rank"] = rng
             _save_atomically(state, checkpoint)
             log.info("checkpoint written after epoch %d: %s", epoch + 1, checkpoint)
+        verdict = settings.race.verdict(epoch, val_acc) if settings.race else None
+        if verdict is not None:
+            raced = f"{verdict} after epoch {epoch + 1}"
+            log.info("race settled: clearly %s after epoch %d", verdict, epoch + 1)
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     model.to("cpu").to(memory_format=torch.contiguous_format).eval()
@@ -303,4 +334,5 @@ def finetune(
         resumed,
         time.perf_counter() - start,
         tuple(distributed.all_gather(samples)),
+        raced,
     )

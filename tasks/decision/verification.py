@@ -38,7 +38,7 @@ def plan_verification(
 
     n_train = counts.per_split.get("train", 0)
     return verification.decide_verification(
-        plan, cfg.strategy, n_train, cfg.train.finetune_epochs, rate
+        plan, cfg.strategy, n_train, cfg.train.finetune_epochs, rate, counts.per_split.get("val", 0)
     )
 
 

@@ -190,8 +190,10 @@ def test_plans_are_deterministic_for_a_fixed_seed(digits_root: Path, tmp_path: P
     )
     # the verification preview says what a run would do and why, and trains nothing
     preview = first["verification"]
-    assert preview["runner_up"] == 4 and not preview["run"]
-    assert "not close" in preview["reason"]  # 28 digits per class is far below 1000
+    # 28 digits per class is far below the size threshold, yet fine-tuning them is cheap: the
+    # check's committed cost fits the budget, so a run would verify case 4.
+    assert preview["runner_up"] == 4 and preview["run"] and "fits" in preview["reason"]
+    assert preview["estimated_seconds"] <= preview["budget_seconds"]
     assert not (Path(first["run_dir"]) / "verification").exists()
 
 

@@ -35,27 +35,28 @@ def test_runner_up_flips_frozen_and_fine_tuned_keeping_similarity() -> None:
     assert RUNNER_UP == {1: 3, 3: 1, 2: 4, 4: 2}
 
 
-def test_auto_verifies_only_close_calls_whose_estimate_fits_the_budget() -> None:
-    plan = replace(_plan(), min_images_per_class=300, large_images_per_class=1000)
-    cheap = decide_verification(plan, StrategyConfig(verify_budget_s=120), 500, 8, lambda: 200.0)
-    costly = decide_verification(plan, StrategyConfig(verify_budget_s=120), 500, 8, lambda: 5.0)
-    far = replace(plan, min_images_per_class=50)  # 20x below the threshold: not a close call
-    clear = decide_verification(far, StrategyConfig(), 500, 8, lambda: 1e6)
-    assert not clear.run and "not close" in clear.reason and "20.0x" in clear.reason
-    never = decide_verification(far, StrategyConfig(), 500, 8, lambda: 1 / 0)  # not measured
-    assert never.estimated_seconds is None
-    assert decide_verification(
-        replace(far, uncertain=True), StrategyConfig(), 500, 8, lambda: 1e6
-    ).run
-    assert cheap.run and cheap.runner_up == 3 and "fits" in cheap.reason
-    assert not costly.run and "exceeds" in costly.reason
-    # the estimate is the frozen case's constant plus a fine-tune on 80% of the training images
+def test_auto_verifies_whenever_the_committed_cost_fits_a_budget_that_scales_with_the_work() -> (
+    None
+):
+    far = replace(_plan(), min_images_per_class=50)  # 20x below the threshold: still measured
+    fast = decide_verification(far, StrategyConfig(), 500, 8, lambda: 200.0, 100)
+    assert fast.run and fast.runner_up == 3 and "fits" in fast.reason
+    # committed: the frozen case plus the fine-tune up to its first comparison (3 of 8 epochs)
     inner = 500 - round(500 * 0.2)
-    assert cheap.estimated_seconds == pytest.approx(
-        case_seconds(1, inner, 100, 8, lambda: 200.0) + finetune_seconds(inner, 100, 8, 200.0),
-        abs=0.1,
+    assert fast.estimated_seconds == pytest.approx(
+        case_seconds(1, inner, 100, 3, 200.0) + finetune_seconds(inner, 100, 3, 200.0), abs=0.1
     )
-    assert costly.estimated_seconds > 120
+    assert fast.worst_seconds > fast.estimated_seconds
+    # the budget is half the full fine-tune it could unlock, floored at 120 s
+    full = finetune_seconds(500, 100, 8, 200.0)
+    assert fast.budget_seconds == pytest.approx(max(120.0, 0.5 * full), abs=0.1)
+    slow = decide_verification(far, StrategyConfig(), 500, 8, lambda: 0.05, 100)
+    assert slow.budget_seconds == StrategyConfig().verify_budget_max_s  # capped
+    assert not slow.run and "exceeds" in slow.reason
+    # a bigger check unlocks a bigger budget: 20x the images, same rate
+    big = decide_verification(far, StrategyConfig(), 10_000, 8, lambda: 20.0, 2000)
+    small = decide_verification(far, StrategyConfig(), 500, 8, lambda: 20.0, 100)
+    assert big.budget_seconds > small.budget_seconds
 
 
 def test_off_on_and_user_overrides() -> None:

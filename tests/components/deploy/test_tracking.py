@@ -264,13 +264,14 @@ def test_load_registered_names_what_is_missing(
     """A user error (exit 2 in the CLI), and no empty store left behind where none was."""
     cfg, output_dir, uri = store
     with pytest.raises(ModelUriError, match=r"no MLflow store at .*mlflow\.db"):
-        tracking.load_registered("models:/pets@candidate", uri)
+        tracking.load_registered("models:/pets@challenger", uri)
     assert not output_dir.exists()
     run_id = tracking.start_run(cfg, output_dir, "r", {})
-    tracking.register_onnx_model(run_id, onnx_file, "pets", LABELS, PREP, "candidate", uri)
+    registered = tracking.register_onnx_model(run_id, onnx_file, "pets", LABELS, PREP, uri)
+    tracking.set_alias("pets", "challenger", registered.version, tracking_uri=uri)
     tracking.finish_run(run_id, tracking_uri=uri)
     with pytest.raises(ModelUriError, match="name=cats not found"):
-        tracking.load_registered("models:/cats@candidate", uri)
+        tracking.load_registered("models:/cats@challenger", uri)
     with pytest.raises(ModelUriError, match="alias champion not found"):
         tracking.load_registered("models:/pets@champion", uri)
     with pytest.raises(ModelUriError, match=r"version=7\) not found"):

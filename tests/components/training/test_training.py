@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def _job(setup, plan, cfg: TrainConfig, run_dir: Path) -> TrainingJob:
 
 
 def _cfg(**kw) -> TrainConfig:
-    return TrainConfig(finetune_epochs=1, batch_size=32, num_workers=0, **kw)
+    return TrainConfig(**{"finetune_epochs": 1, "batch_size": 32, "num_workers": 0, **kw})
 
 
 @pytest.mark.parametrize("case", [1, 2])
@@ -83,3 +84,28 @@ def test_image_size_follows_the_images() -> None:
     assert choose_image_size("auto", 28, 224)[0] == 64
     assert choose_image_size("auto", 100, 224)[0] == 224  # 2 x 100 rounds up past native
     assert choose_image_size(128, 28, 224) == (128, "128 px set in configuration")
+
+
+def test_a_raced_fine_tune_that_is_clearly_behind_stops_and_skips_the_fallback(
+    setup, tmp_path: Path
+) -> None:
+    """Verification's early stop, on a real fine-tune: behind a rival no epoch can beat, case 4
+    stops at its first comparison (epoch 1 of 3) and does not try random initialisation."""
+    from components.training.finetune import RaceRule
+
+    manifest = setup[0]
+    job = _job(setup, _plan(manifest, 4), _cfg(finetune_epochs=3), tmp_path)
+    result = train_case(replace(job, race=RaceRule(after_epoch=0, behind=1.01, ahead=2.0)))
+    pretrained = next(a for a in result.attempts if a["init"] == "pretrained")
+    assert pretrained["raced"] == "behind after epoch 1"
+    assert len(result.history) == 1
+    assert [a["init"] for a in result.attempts] == ["frozen probe", "pretrained"]
+
+
+def test_race_verdicts() -> None:
+    from components.training.finetune import RaceRule
+
+    rule = RaceRule(after_epoch=2, behind=0.8, ahead=0.9)
+    assert rule.verdict(1, 0.1) is None  # before the first comparison nothing is settled
+    assert rule.verdict(2, 0.79) == "behind" and rule.verdict(2, 0.91) == "ahead"
+    assert rule.verdict(5, 0.85) is None
