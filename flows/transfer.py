@@ -133,6 +133,8 @@ def _decision_summary(d: Decision) -> dict[str, Any]:
             "total": d.counts.total,
             "per_split": d.counts.per_split,
             "per_class": d.counts.per_class,
+            "imbalance_ratio": d.counts.to_dict()["imbalance_ratio"],
+            "imbalanced": d.counts.imbalanced,
         },
         "thresholds": {
             "large_images_per_class": d.plan.large_images_per_class,

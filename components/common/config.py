@@ -143,6 +143,9 @@ class TrainConfig(_Section):
     # Frozen heads: L2-penalised softmax regression, the penalty chosen by this many stratified
     # folds of the training split (fewer when the rarest class has fewer images).
     head_cv_folds: int = Field(5, ge=2)
+    # Weigh every class alike in the training loss (frozen heads and fine-tunes): "auto" does so
+    # when the largest class has more than 10x the training images of the smallest.
+    class_weights: Literal["auto", "on", "off"] = "auto"
     finetune_epochs: int = Field(8, ge=1)
     finetune_lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)

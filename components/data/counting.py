@@ -6,6 +6,10 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
+# Above this ratio of the largest to the smallest class (training split) the data is called
+# imbalanced: plain accuracy then mostly measures the majority class.
+IMBALANCE_RATIO = 10.0
+
 
 @dataclass(frozen=True)
 class DatasetCounts:
@@ -18,8 +22,22 @@ class DatasetCounts:
     min_train_per_class: int
     median_short_side: int  # of training images, for choosing the input resolution
 
+    @property
+    def imbalance_ratio(self) -> float:
+        """Largest over smallest class in the training split (inf when a class has none)."""
+        counts = [self.per_class[c].get("train", 0) for c in self.classes]
+        return max(counts) / min(counts) if min(counts) > 0 else float("inf")
+
+    @property
+    def imbalanced(self) -> bool:
+        return self.imbalance_ratio > IMBALANCE_RATIO
+
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return {
+            **asdict(self),
+            "imbalance_ratio": None if self.imbalance_ratio == float("inf") else self.imbalance_ratio,
+            "imbalanced": self.imbalanced,
+        }
 
     def to_markdown(self) -> str:
         splits = sorted(self.per_split, key=["train", "val", "test"].index)

@@ -62,6 +62,15 @@ def decision_markdown(
         "## Size",
         f"{counts.total} usable images in {len(counts.classes)} classes; smallest class has "
         f"{counts.min_train_per_class} training images (large from {plan.large_images_per_class}).",
+        *(
+            [
+                f"**Imbalanced**: the largest class has {counts.imbalance_ratio:.1f}x the training "
+                "images of the smallest; training weighs the classes alike (`train.class_weights`) "
+                "and balanced accuracy and macro-F1 are reported beside accuracy."
+            ]
+            if counts.imbalanced
+            else []
+        ),
         "",
         counts.to_markdown(),
         "",

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from components.common.config import TrainConfig
 from components.common.plan import TransferPlan
+from components.data.counting import IMBALANCE_RATIO
 from components.data.splits import SplitData
 from components.engine.backbones import Backbone
 from components.engine.extraction import choose_device
@@ -84,6 +86,20 @@ class TrainingJob:
 _Trained = tuple[torch.nn.Module, ModelSpec, float, tuple[dict[str, float], ...]]
 
 
+def class_weights(job: TrainingJob) -> tuple[float, ...] | None:
+    """Per-class loss weights (every class weighs alike) when asked, or, on ``auto``, when the
+    largest class has more than ``IMBALANCE_RATIO`` times the training images of the smallest."""
+    counts = np.bincount(job.train.labels, minlength=len(job.classes)).astype(float)
+    mode = job.cfg.class_weights
+    imbalanced = counts.max() > IMBALANCE_RATIO * max(counts.min(), 1.0)
+    if mode == "off" or (mode == "auto" and not imbalanced):
+        return None
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return tuple(float(w) for w in weights)
+
+
 def _fit_head(job: TrainingJob, cut: str) -> HeadFit:
     cfg = job.cfg
     return fit_linear_head(
@@ -94,6 +110,7 @@ def _fit_head(job: TrainingJob, cut: str) -> HeadFit:
         len(job.classes),
         job.seed,
         cfg.head_cv_folds,
+        balanced=class_weights(job) is not None,
     )
 
 
@@ -111,6 +128,7 @@ def _frozen(job: TrainingJob) -> tuple[_Trained, list[dict[str, object]]]:
         "C": fit.c,
         "cv_accuracy": fit.cv_accuracy,
         "cv_folds": fit.cv_folds,
+        "class_weights": class_weights(job) is not None,
         "cv_curve": None
         if fit.curve is None
         else {"C": list(fit.curve.grid), "accuracy": list(fit.curve.means)},
@@ -132,6 +150,7 @@ def _finetuned(job: TrainingJob, device: torch.device) -> tuple[_Trained, list[d
         flip=plan.similarity == "similar",
         freeze_bn=True,
         race=job.race,
+        class_weights=class_weights(job),
     )
     attempts: list[dict[str, object]] = [
         {"init": "frozen probe", "val_accuracy": probe.val_accuracy, "trained": "linear head only"}

@@ -75,6 +75,7 @@ class FinetuneSettings:
     # (digits vs ImageNet) would hand it very different features and a loss spike at step one.
     freeze_bn: bool = False
     race: RaceRule | None = None  # verification only: stop once the comparison is settled
+    class_weights: tuple[float, ...] | None = None  # imbalanced data: every class weighs alike
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,12 @@ def finetune(
     val_loader = _loader(val_shard, settings, False, device, seed)
     opt = torch.optim.AdamW(_param_groups(model, settings), weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(len(train_loader), settings.epochs))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+    weight = (
+        torch.tensor(settings.class_weights, dtype=torch.float32, device=device)
+        if settings.class_weights
+        else None
+    )
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=settings.label_smoothing)
     history: list[dict[str, float]] = []
     best_acc, best_epoch, best_state = -1.0, -1, None
     first_epoch, resumed = 0, None

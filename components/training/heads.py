@@ -39,9 +39,13 @@ def fit_linear_head(
     seed: int,
     folds: int = 5,
     cs: tuple[float, ...] = DEFAULT_CS,
+    balanced: bool = False,
 ) -> HeadFit:
-    """Fit the softmax layer on the training rows, then score it once on the validation rows."""
-    fit, curve = fit_logistic(x_train, np.asarray(y_train), num_classes, seed, cs, folds)
+    """Fit the softmax layer on the training rows, then score it once on the validation rows;
+    ``balanced`` weighs the classes alike (imbalanced data)."""
+    fit, curve = fit_logistic(
+        x_train, np.asarray(y_train), num_classes, seed, cs, folds, balanced=balanced
+    )
     layer = nn.Linear(x_train.shape[1], num_classes)
     with torch.no_grad():
         layer.weight.copy_(torch.from_numpy(fit.weight))

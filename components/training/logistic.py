@@ -167,6 +167,15 @@ def fold_count(labels: np.ndarray, folds: int) -> int:
     return int(max(2, min(folds, smallest)))
 
 
+def balanced_row_weights(y: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-row weights that give every class the same total weight (mean weight 1)."""
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    per_class = np.zeros(num_classes)
+    per_class[present] = len(y) / (present.sum() * counts[present])
+    return per_class[y]
+
+
 def cv_curve(
     z: np.ndarray,
     y: np.ndarray,
@@ -175,9 +184,11 @@ def cv_curve(
     folds: int,
     seed: int,
     max_iter: int = MAX_ITER,
+    balanced: bool = False,
 ) -> CvCurve:
     """Stratified k-fold accuracy of every C on standardised rows ``z`` (C ascending), all folds
-    solved as one batch and the C path walked with warm starts."""
+    solved as one batch and the C path walked with warm starts. ``balanced`` weighs the classes
+    alike in the loss and scores balanced accuracy (the mean recall) instead of accuracy."""
     k = fold_count(y, folds)
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     basis = _span_basis(z)
@@ -185,7 +196,10 @@ def cv_curve(
     held_out = torch.zeros(k, len(y), dtype=torch.bool)
     for f, (_, test) in enumerate(splitter.split(zr, y)):
         held_out[f, torch.from_numpy(test)] = True
-    train_weights = (~held_out).to(zr.dtype)
+    row = torch.ones(len(y), dtype=zr.dtype)
+    if balanced:
+        row = torch.from_numpy(balanced_row_weights(np.asarray(y), num_classes)).to(zr.dtype)
+    train_weights = (~held_out).to(zr.dtype) * row
     batch = zr.expand(k, -1, -1)
     scores: list[np.ndarray] = []
     start = None
@@ -193,8 +207,14 @@ def cv_curve(
         start = _solve(batch, yt, train_weights, num_classes, c, start, max_iter)
         with torch.no_grad():
             pred = torch.baddbmm(start[:, -1:, :], batch, start[:, :-1, :]).argmax(dim=2)
-            hits = ((pred == yt) & held_out).sum(dim=1).to(torch.float64)
-        scores.append((hits / held_out.sum(dim=1)).numpy())
+            hit = ((pred == yt) & held_out).to(torch.float64)
+            if balanced:  # mean recall over the classes present in each held-out fold
+                onehot = torch.nn.functional.one_hot(yt, num_classes).to(torch.float64)
+                per_class = (hit @ onehot) / (held_out.to(torch.float64) @ onehot).clamp_min(1)
+                present = (held_out.to(torch.float64) @ onehot) > 0
+                scores.append(((per_class * present).sum(1) / present.sum(1)).numpy())
+            else:
+                scores.append((hit.sum(dim=1) / held_out.sum(dim=1)).numpy())
         means = [float(s.mean()) for s in scores]
         if len(means) > PATH_PATIENCE and all(
             means[-i] < means[-i - 1] for i in range(1, PATH_PATIENCE + 1)
@@ -221,17 +241,23 @@ def fit_logistic(
     cs: Sequence[float] = DEFAULT_CS,
     folds: int = 5,
     max_iter: int = MAX_ITER,
+    balanced: bool = False,
 ) -> tuple[LogisticFit, CvCurve | None]:
     """Standardise, choose C by k-fold CV on these rows (skipped when ``cs`` has one value),
-    refit on all of them, and fold the standardisation back into the layer."""
+    refit on all of them, and fold the standardisation back into the layer. ``balanced`` weighs
+    every class alike (imbalanced data)."""
     y = np.asarray(y)
     scaler = Standardiser.fit(x)
     z = scaler.apply(x)
-    curve = cv_curve(z, y, num_classes, cs, folds, seed, max_iter) if len(cs) > 1 else None
+    curve = (
+        cv_curve(z, y, num_classes, cs, folds, seed, max_iter, balanced) if len(cs) > 1 else None
+    )
     c = curve.grid[curve.best] if curve is not None else cs[0]
     basis = _span_basis(z)
     zt, yt = _as_tensors(z @ basis if basis is not None else z, y)
-    solved = _solve(zt[None], yt, torch.ones(1, len(y)), num_classes, c, None, max_iter)[0].numpy()
+    row = balanced_row_weights(y, num_classes) if balanced else np.ones(len(y))
+    weights = torch.from_numpy(row).to(zt.dtype)[None]
+    solved = _solve(zt[None], yt, weights, num_classes, c, None, max_iter)[0].numpy()
     w_std = solved[:-1] if basis is None else basis @ solved[:-1]  # (d, classes)
     weight = (w_std / scaler.scale[:, None]).T
     bias = solved[-1] - weight @ scaler.mean

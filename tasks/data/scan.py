@@ -42,5 +42,12 @@ def count_dataset(usable_manifest: Path) -> counting.DatasetCounts:
         len(counts.classes),
         counts.min_train_per_class,
     )
+    if counts.imbalanced:
+        get_run_logger().warning(
+            "imbalanced: the largest class has %.1fx the images of the smallest (over %g x); "
+            "balanced accuracy and macro-F1 are reported beside accuracy",
+            counts.imbalance_ratio,
+            counting.IMBALANCE_RATIO,
+        )
     create_markdown_artifact(key="dataset-counts", markdown=counts.to_markdown())
     return counts

@@ -59,3 +59,15 @@ def test_folded_layer_takes_raw_features() -> None:
     x = x * 100 + 5000  # far from standardised: a missing unfold would show
     fit, _ = fit_logistic(x, y, 4, seed=0)
     assert fit.accuracy(x, y) > 0.95
+
+
+def test_balanced_weights_lift_the_minority_class() -> None:
+    # 300 rows of class 0, 15 of class 1, overlapping: unweighted, the minority is mostly lost.
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(0, 1, (300, 4)), rng.normal(1.2, 1, (15, 4))]).astype(np.float32)
+    y = np.array([0] * 300 + [1] * 15)
+    plain, _ = fit_logistic(x, y, 2, seed=0, cs=(1.0,))
+    balanced, _ = fit_logistic(x, y, 2, seed=0, cs=(1.0,), balanced=True)
+    minority = y == 1
+    assert np.mean(balanced.predict(x[minority]) == 1) > np.mean(plain.predict(x[minority]) == 1)
+    assert np.mean(balanced.predict(x[minority]) == 1) >= 0.6

@@ -109,3 +109,20 @@ def test_race_verdicts() -> None:
     assert rule.verdict(1, 0.1) is None  # before the first comparison nothing is settled
     assert rule.verdict(2, 0.79) == "behind" and rule.verdict(2, 0.91) == "ahead"
     assert rule.verdict(5, 0.85) is None
+
+
+def test_class_weights_only_when_imbalanced_or_asked(setup, tmp_path: Path) -> None:
+    import numpy as np
+
+    from components.data.splits import SplitData
+    from components.training.cases import class_weights
+
+    manifest = setup[0]
+    job = _job(setup, _plan(manifest, 1), _cfg(), tmp_path)
+    assert class_weights(job) is None  # digits are balanced
+    assert class_weights(replace(job, cfg=_cfg(class_weights="on"))) is not None
+    labels = np.array([0] * 110 + [1] * 10 + list(range(2, 10)) * 11)
+    skewed = replace(job, train=SplitData([""] * len(labels), labels, {}))
+    weights = class_weights(skewed)
+    assert weights is not None and weights[1] > 5 * weights[0]
+    assert class_weights(replace(skewed, cfg=_cfg(class_weights="off"))) is None
