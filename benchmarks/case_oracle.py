@@ -7,7 +7,11 @@ pick, and its regret: best accuracy minus the pick's. Case 4's pre-trained attem
 case 3's time; its random-initialisation fallback runs only when the pipeline's success criterion
 says so, as in a real run.
 
-    python benchmarks/case_oracle.py DATA [--per-class N] [--finetune-epochs E] [--json OUT]
+    python benchmarks/case_oracle.py DATA [--per-class N] [--finetune-epochs E] [--image-size S]
+        [--json OUT]
+
+``--image-size S`` trains every case at S pixels (a resolution variant: run once per candidate
+size, each under its own ``--name``); by default the pipeline measures the size as in a real run.
 
 ``--per-class N`` takes the first N images of every class (from DATA/train/<class> when DATA has a
 train folder, else DATA/<class>) as symlinks in the output folder; the source is never touched.
@@ -140,6 +144,7 @@ def main() -> None:
     parser.add_argument("--verify", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--name", default=None)
     parser.add_argument("--output-dir", type=Path, default=Path("transfer-runs/oracle"))
+    parser.add_argument("--image-size", type=int, default=None, help="default: the pipeline's")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -153,7 +158,11 @@ def main() -> None:
         "output_dir": str(args.output_dir),
         "data.name": name,
         "strategy.verify": args.verify,
+        # --per-class builds the subset as links to the source files, outside the data folder
+        "data.follow_external_links": True,
     }
+    if args.image_size:
+        overrides["train.image_size"] = args.image_size
     if args.finetune_epochs:
         overrides["train.finetune_epochs"] = args.finetune_epochs
     cfg = load_config(None, overrides)
@@ -179,6 +188,7 @@ def main() -> None:
         "best_case": best["case"],
         "regret": round(best["val_accuracy"] - picked["val_accuracy"], 4),
         "decision_seconds": round(decide_seconds, 1),
+        "resolution": final.resolution,
         "finetune_epochs": cfg.train.finetune_epochs,
         "cases": rows,
         "table": table(rows, final.case),
