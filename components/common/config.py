@@ -85,10 +85,10 @@ class ValidationConfig(_Section):
     # by a perceptual hash computed for candidates only. A held-out copy of another split's image
     # is quarantined from the held-out side; a copy labelled differently is a label conflict.
     near_duplicates: bool = True
-    near_duplicate_min_cosine: float = Field(0.9, ge=-1, le=1)
+    near_duplicate_min_cosine: float = Field(0.6, ge=-1, le=1)
     near_duplicate_neighbours: int = Field(5, ge=1)  # candidates per image, at most
     near_duplicate_hash: Literal["phash", "dhash"] = "phash"
-    near_duplicate_max_distance: int = Field(12, ge=0, le=64)  # Hamming bits of the 64-bit hash
+    near_duplicate_max_distance: int = Field(18, ge=0, le=64)  # Hamming bits of the 64-bit hash
     near_duplicate_block: int = Field(1024, ge=1)  # rows per block of the similarity product
     near_duplicate_sheet_pairs: int = Field(16, ge=0)  # pairs on the contact sheet
 
