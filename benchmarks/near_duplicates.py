@@ -49,8 +49,11 @@ def _copy(src: str, kind: str, dst: Path) -> None:
     img.save(dst, format="JPEG", quality=70 if kind == "q70" else 90)
 
 
-def build(data: Path, root: Path, per_class: int, distinct: int) -> dict[str, tuple[str, str]]:
-    """Write the benchmark folder; returns val file name -> (kind, original's train path)."""
+def build(
+    data: Path, root: Path, per_class: int, distinct: int, sources: dict[str, str]
+) -> dict[str, tuple[str, str]]:
+    """Write the benchmark folder; returns val file name -> (kind, original's train path), and
+    fills ``sources`` (written file -> the data file it came from)."""
     manifest = scan_dataset(data, DataConfig(), ValidationConfig(), 0)
     manifest = manifest[manifest["decodable"]].sort_values("relpath")
     truth: dict[str, tuple[str, str]] = {}
@@ -65,6 +68,7 @@ def build(data: Path, root: Path, per_class: int, distinct: int) -> dict[str, tu
             if n < per_class:
                 orig = root / "train" / label / f"{n:04d}.jpg"
                 open_image(src).save(orig, format="JPEG", quality=95)
+                sources[str(orig)] = src
                 for kind in KINDS:
                     name = f"{n:04d}_{kind}.jpg"
                     _copy(str(orig), kind, root / "val" / label / name)
@@ -72,6 +76,7 @@ def build(data: Path, root: Path, per_class: int, distinct: int) -> dict[str, tu
             else:
                 name = f"{n:04d}_distinct.jpg"
                 open_image(src).save(root / "val" / label / name, format="JPEG", quality=95)
+                sources[str(root / "val" / label / name)] = src
                 truth[f"{label}/{name}"] = ("distinct", "")
     return truth
 
@@ -101,7 +106,8 @@ def main() -> None:
     cfg = ValidationConfig(**{k: v for k, v in overrides.items() if v is not None})
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
-        truth = build(args.data, root, args.per_class, args.distinct)
+        sources: dict[str, str] = {}
+        truth = build(args.data, root, args.per_class, args.distinct, sources)
         manifest = scan_dataset(root, DataConfig(), cfg, 0).reset_index(drop=True)
         backbone = load_backbone("efficientnet_lite0")
         engine = ExtractionEngine(backbone, Path(tmp) / "cache", num_workers=0)
@@ -123,10 +129,25 @@ def main() -> None:
                 kind_of[path], origin[path] = truth[key]
 
         def source(path: str) -> str:
-            return origin.get(path, path)
+            return origin.get(path) or path
 
         confirmed = {(p.first, p.second) for p in found.pairs}
         right = sum(1 for a, b in confirmed if source(a) == source(b) and source(a))
+        # Confirmed pairs of two different data files: false alarms, or copies the data holds.
+        unexpected = [
+            {
+                "first": str(
+                    Path(sources.get(source(p.first), p.first)).relative_to(args.data.resolve())
+                ),
+                "second": str(
+                    Path(sources.get(source(p.second), p.second)).relative_to(args.data.resolve())
+                ),
+                "cosine": p.cosine,
+                "distance": p.distance,
+            }
+            for p in found.pairs
+            if source(p.first) != source(p.second)
+        ]
         table: dict[str, dict[str, Any]] = {}
         x = features.astype(np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -169,6 +190,7 @@ def main() -> None:
         "precision": round(right / max(1, len(confirmed)), 4),
         "recall": round(caught / max(1, copies), 4),
         "quarantined": len(found.quarantined),
+        "unexpected_pairs": unexpected,
         "embed_seconds": round(embed_s, 2),
         "search_seconds": round(search_s, 3),
         "by_kind": table,

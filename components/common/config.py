@@ -88,7 +88,14 @@ class ValidationConfig(_Section):
     near_duplicate_min_cosine: float = Field(0.6, ge=-1, le=1)
     near_duplicate_neighbours: int = Field(5, ge=1)  # candidates per image, at most
     near_duplicate_hash: Literal["phash", "dhash"] = "phash"
-    near_duplicate_max_distance: int = Field(18, ge=0, le=64)  # Hamming bits of the 64-bit hash
+    # Hamming bits of the 64-bit hash: a crop moves the hash (up to ~18 bits) but keeps the features
+    # close, a half-size copy moves the features (cosine down to ~0.6) but not the hash, and two
+    # different photos of one scene are far in one or the other; so a pair with cosine at least
+    # near_duplicate_close_cosine may differ by near_duplicate_max_distance bits, any other
+    # candidate by near_duplicate_far_distance (docs/benchmarks.md).
+    near_duplicate_close_cosine: float = Field(0.8, ge=-1, le=1)
+    near_duplicate_max_distance: int = Field(18, ge=0, le=64)
+    near_duplicate_far_distance: int = Field(8, ge=0, le=64)
     near_duplicate_block: int = Field(1024, ge=1)  # rows per block of the similarity product
     near_duplicate_sheet_pairs: int = Field(16, ge=0)  # pairs on the contact sheet
 

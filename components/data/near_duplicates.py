@@ -143,6 +143,13 @@ def _quarantine(pairs: list[NearDuplicatePair]) -> dict[str, str]:
     return reasons
 
 
+def _allowed_distance(cosine: float, cfg: ValidationConfig) -> int:
+    """Hash bits a candidate may differ by: more when its features agree closely (a crop)."""
+    if cosine >= cfg.near_duplicate_close_cosine:
+        return cfg.near_duplicate_max_distance
+    return cfg.near_duplicate_far_distance
+
+
 def find_near_duplicates(
     manifest: pd.DataFrame, embeddings: np.ndarray, cfg: ValidationConfig
 ) -> NearDuplicates:
@@ -170,7 +177,7 @@ def find_near_duplicates(
     pairs = []
     for i, j, cosine in candidates:
         distance = int(hash_of(i) - hash_of(j))
-        if distance > cfg.near_duplicate_max_distance:
+        if distance > _allowed_distance(cosine, cfg):
             continue
         a, b = frame.loc[i], frame.loc[j]
         pairs.append(
