@@ -96,6 +96,10 @@ class ValidationConfig(_Section):
     near_duplicate_close_cosine: float = Field(0.8, ge=-1, le=1)
     near_duplicate_max_distance: int = Field(18, ge=0, le=64)
     near_duplicate_far_distance: int = Field(8, ge=0, le=64)
+    # Images with a shorter side below this are not searched: they hold too little detail for a
+    # hash to tell a copy from another sample of the class (32 px handwritten digits of one class
+    # agree to within 2-6 of 64 bits), so any verdict on them would be a guess.
+    near_duplicate_min_side: int = Field(48, ge=1)
     near_duplicate_block: int = Field(1024, ge=1)  # rows per block of the similarity product
     near_duplicate_sheet_pairs: int = Field(16, ge=0)  # pairs on the contact sheet
 

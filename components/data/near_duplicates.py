@@ -59,6 +59,7 @@ class NearDuplicates:
     n_candidates: int
     pairs: tuple[NearDuplicatePair, ...]
     quarantined: dict[str, str]
+    n_too_small: int = 0  # images under near_duplicate_min_side, not searched
 
     @property
     def leaks(self) -> tuple[NearDuplicatePair, ...]:
@@ -75,6 +76,7 @@ class NearDuplicates:
         return {
             "n_images": self.n_images,
             "n_candidates": self.n_candidates,
+            "n_too_small": self.n_too_small,
             "n_pairs": len(self.pairs),
             "n_cross_split": len(self.leaks),
             "n_label_conflicts": len(self.label_conflicts),
@@ -158,6 +160,9 @@ def find_near_duplicates(
     Hashes are computed only for images in a candidate pair, once each.
     """
     frame = _ordered(manifest)
+    if {"width", "height"} <= set(frame.columns):
+        side = np.minimum(frame["width"].astype(int), frame["height"].astype(int))
+        frame = frame[side >= cfg.near_duplicate_min_side].reset_index(drop=True)
     vectors = np.asarray(embeddings)[frame["_row"].to_numpy()]
     candidates = candidate_pairs(
         vectors,
@@ -186,4 +191,6 @@ def find_near_duplicates(
                 round(cosine, 4), distance,
             )
         )  # fmt: skip
-    return NearDuplicates(len(frame), len(candidates), tuple(pairs), _quarantine(pairs))
+    return NearDuplicates(
+        len(frame), len(candidates), tuple(pairs), _quarantine(pairs), len(manifest) - len(frame)
+    )

@@ -137,6 +137,8 @@ def _near_duplicate_lines(found: dict[str, Any]) -> list[str]:
         f"({found['n_quarantined']} held-out files quarantined), "
         f"{found['n_label_conflicts']} label conflicts."
     ]
+    if found.get("n_too_small"):
+        lines.append(f"{found['n_too_small']} images too small to judge were not searched.")
     for pair in found["label_conflict_examples"]:
         lines.append(
             f"- label conflict: {_cell(pair['first'])} ({pair['first_label']}) and "

@@ -152,3 +152,11 @@ def test_no_pairs_is_an_empty_report() -> None:
     frame = pd.DataFrame({"path": ["a"], "relpath": ["a"], "label": ["x"], "split": ["train"]})
     found = find_near_duplicates(frame, np.ones((1, 4)), ValidationConfig())
     assert found == NearDuplicates(1, 0, (), {})
+
+
+def test_images_too_small_to_judge_are_not_searched(searched) -> None:
+    manifest, features, _ = searched
+    found = find_near_duplicates(
+        manifest, features, ValidationConfig(near_duplicate_min_side=10_000)
+    )
+    assert found.pairs == () and found.n_too_small == len(manifest) and found.n_images == 0
