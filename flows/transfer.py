@@ -22,6 +22,7 @@ from components.engine.images import Preprocessing
 from components.similarity.scores import SimilarityReport
 from components.training.cases import choose_image_size
 from tasks.common.context import RunContext, dataset_name, make_context
+from tasks.data.near_duplicates import quarantine_near_duplicates
 from tasks.data.scan import count_dataset, scan_dataset
 from tasks.data.validation import validate_dataset
 from tasks.decision.resolution import choose_resolution
@@ -83,7 +84,8 @@ def input_preprocessing(
 
 
 def decide(data: str, cfg: PipelineConfig, clock: StageClock) -> Decision:
-    """Validate, count, embed, score similarity and choose the case."""
+    """Validate, count, score similarity, embed, set held-out near-duplicates aside and choose
+    the case."""
     ctx = make_context(Path(data), cfg)
     with clock.stage("load_backbone"):
         engine = open_engine(cfg, ctx.cache_dir)
@@ -106,6 +108,13 @@ def decide(data: str, cfg: PipelineConfig, clock: StageClock) -> Decision:
     prep = replace(rule_prep, image_size=resolution.chosen)
     with clock.stage("embed"):
         embed_dataset(usable, prep, engine, cfg)
+    # Near-duplicates after the embedding: it reads the rows just cached at the chosen size, so it
+    # runs no forward pass; the stages before it read training images only, which it never drops.
+    with clock.stage("near_duplicates"):
+        validation = quarantine_near_duplicates(validation, prep, engine, cfg.validation)
+    if validation.usable_manifest_path != usable:
+        usable = validation.usable_manifest_path
+        counts = count_dataset(usable)
     with clock.stage("select_case"):
         plan = select_case(
             usable, counts, similarity, prep, engine, cfg, ctx.run_dir, resolution.to_dict()
@@ -144,6 +153,7 @@ def _decision_summary(d: Decision) -> dict[str, Any]:
         "verification": d.plan.verification,
         "quarantined": [{"path": q.path, "reason": q.reason} for q in d.validation.quarantined],
         "scan": None if d.validation.scan is None else d.validation.scan.to_dict(),
+        "near_duplicates": d.validation.near_duplicates,
         "image_size": d.prep.image_size,
         "image_size_reason": d.image_size_reason,
         "resolution": d.plan.resolution,

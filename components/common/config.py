@@ -80,6 +80,28 @@ class ValidationConfig(_Section):
     max_bad_fraction: float = Field(0.2, ge=0, le=1)
     # Pillow's decompression-bomb guard stays on; this is the pixel count it trips at.
     max_image_pixels: int = Field(89_478_485, ge=1)
+    # Near-duplicates (re-encoded, resized or cropped copies; docs/benchmarks.md): candidates are
+    # each image's nearest neighbours by cosine similarity of the cached head features, confirmed
+    # by a perceptual hash computed for candidates only. A held-out copy of another split's image
+    # is quarantined from the held-out side; a copy labelled differently is a label conflict.
+    near_duplicates: bool = True
+    near_duplicate_min_cosine: float = Field(0.6, ge=-1, le=1)
+    near_duplicate_neighbours: int = Field(5, ge=1)  # candidates per image, at most
+    near_duplicate_hash: Literal["phash", "dhash"] = "phash"
+    # Hamming bits of the 64-bit hash: a crop moves the hash (up to ~18 bits) but keeps the features
+    # close, a half-size copy moves the features (cosine down to ~0.6) but not the hash, and two
+    # different photos of one scene are far in one or the other; so a pair with cosine at least
+    # near_duplicate_close_cosine may differ by near_duplicate_max_distance bits, any other
+    # candidate by near_duplicate_far_distance (docs/benchmarks.md).
+    near_duplicate_close_cosine: float = Field(0.8, ge=-1, le=1)
+    near_duplicate_max_distance: int = Field(18, ge=0, le=64)
+    near_duplicate_far_distance: int = Field(8, ge=0, le=64)
+    # Images with a shorter side below this are not searched: they hold too little detail for a
+    # hash to tell a copy from another sample of the class (32 px handwritten digits of one class
+    # agree to within 2-6 of 64 bits), so any verdict on them would be a guess.
+    near_duplicate_min_side: int = Field(48, ge=1)
+    near_duplicate_block: int = Field(1024, ge=1)  # rows per block of the similarity product
+    near_duplicate_sheet_pairs: int = Field(16, ge=0)  # pairs on the contact sheet
 
 
 class SimilarityConfig(_Section):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import pandas as pd
 from components.common.config import ValidationConfig
 from components.common.errors import DataValidationError
 from components.data import gx_suite
-from components.data.scan import ScanSummary
+from components.data.scan import ScanSummary, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ class ValidationReport:
     json_path: Path
     docs_path: Path | None
     scan: ScanSummary | None = None  # layout, notes, clutter and skipped entries of the scan
+    # What a later check on the images' content found (``near_duplicates``), once it has run.
+    near_duplicates: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +83,7 @@ class ValidationReport:
             "json_path": str(self.json_path),
             "docs_path": None if self.docs_path is None else str(self.docs_path),
             "scan": None if self.scan is None else self.scan.to_dict(),
+            "near_duplicates": self.near_duplicates,
         }
 
     def to_markdown(self) -> str:
@@ -99,6 +102,8 @@ class ValidationReport:
         for e in self.expectations:
             ok = "yes" if e.success else "**no**"
             lines.append(f"| {e.name} | {ok} | {e.unexpected_count} | {_cell(e.detail)} |")
+        if self.near_duplicates is not None:
+            lines += ["", "### Near-duplicates", "", *_near_duplicate_lines(self.near_duplicates)]
         if self.quarantined:
             lines += ["", f"### Quarantined files ({len(self.quarantined)})", ""]
             lines += ["| file | reason |", "|---|---|"]
@@ -123,6 +128,25 @@ class ValidationReport:
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _near_duplicate_lines(found: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{found['n_pairs']} near-duplicate pairs among {found['n_images']} images "
+        f"({found['n_candidates']} candidates hashed): {found['n_cross_split']} across splits "
+        f"({found['n_quarantined']} held-out files quarantined), "
+        f"{found['n_label_conflicts']} label conflicts."
+    ]
+    if found.get("n_too_small"):
+        lines.append(f"{found['n_too_small']} images too small to judge were not searched.")
+    for pair in found["label_conflict_examples"]:
+        lines.append(
+            f"- label conflict: {_cell(pair['first'])} ({pair['first_label']}) and "
+            f"{_cell(pair['second'])} ({pair['second_label']})"
+        )
+    if found.get("contact_sheet"):
+        lines += ["", f"Contact sheet: {found['contact_sheet']}"]
+    return lines
 
 
 def _pct(fraction: float) -> str:
@@ -318,3 +342,33 @@ def validate_manifest(
         "passed" if report.passed else "failed: " + "; ".join(failures),
     )
     return report
+
+
+def quarantine_more(
+    report: ValidationReport,
+    reasons: dict[str, str],
+    section: dict[str, Any],
+    usable_path: Path,
+) -> ValidationReport:
+    """The report after a later check quarantined more files (path -> reason) by content.
+
+    Writes the usable manifest without them to ``usable_path`` (the earlier file stays, as the
+    input of the stages that ran before the check) and rewrites ``validation.json`` with the
+    amended report and the check's ``section``, so the report stays the one list of what was left
+    out and why.
+    """
+    manifest = read_manifest(report.usable_manifest_path)
+    keep = ~manifest["path"].isin(list(reasons))
+    manifest[keep.to_numpy()].to_csv(usable_path, index=False)
+    added = tuple(QuarantinedFile(p, reasons[p]) for p in sorted(reasons))
+    amended = replace(
+        report,
+        n_usable=int(keep.sum()),
+        quarantined=report.quarantined + added,
+        usable_manifest_path=usable_path,
+        near_duplicates=section,
+    )
+    payload = json.loads(report.json_path.read_text()) if report.json_path.is_file() else {}
+    payload["report"] = amended.to_dict()
+    report.json_path.write_text(json.dumps(payload, indent=2, default=str))
+    return amended

@@ -4,6 +4,7 @@ judged against the champion, and the aliases moved last."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -176,6 +177,9 @@ def _log_files(run_id: str, uri: str, ctx: RunContext, validation: ValidationRep
         if (ctx.run_dir / name).is_file():
             tracking.log_artifact(run_id, ctx.run_dir / name, "report", tracking_uri=uri)
     tracking.log_artifact(run_id, validation.json_path, "validation", tracking_uri=uri)
+    sheet = (validation.near_duplicates or {}).get("contact_sheet")
+    if sheet and Path(sheet).is_file():
+        tracking.log_artifact(run_id, Path(sheet), "validation", tracking_uri=uri)
     if (ctx.run_dir / "profile").is_dir():
         tracking.log_artifact(run_id, ctx.run_dir / "profile", "profile", tracking_uri=uri)
     if validation.docs_path is not None:

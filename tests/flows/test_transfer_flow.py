@@ -276,3 +276,31 @@ def test_cli_stops_with_a_clear_message_on_bad_data(tmp_path: Path, capsys) -> N
     code = main(["run", "--data", str(tmp_path / "nowhere"), "--config", str(cfg_file)])
     assert code == 2
     assert "nowhere does not exist" in capsys.readouterr().err
+
+
+def test_plan_sets_held_out_near_copies_aside(tmp_path: Path) -> None:
+    """A JPEG q70 copy of a training photo in val is quarantined before any stage uses val."""
+    from PIL import Image
+
+    photos = Path(__file__).parents[1] / "data" / "ants_bees"
+    root = tmp_path / "leaky"
+    for label in ("ants", "bees"):
+        files = sorted((photos / label).glob("*.jpg"))
+        for i, src in enumerate(files[:8]):
+            split = "train" if i < 6 else "val"
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, root / split / label / src.name)
+    copy = root / "val" / "ants" / "copy.jpg"
+    Image.open(sorted((photos / "ants").glob("*.jpg"))[0]).save(copy, quality=70)
+    summary = plan_flow(data=str(root), config=_config(tmp_path))
+    found = summary["near_duplicates"]
+    assert found["n_quarantined"] == 1 and found["n_cross_split"] == 1
+    assert [q["path"] for q in summary["quarantined"]] == [str(copy)]
+    assert "(leakage)" in summary["quarantined"][0]["reason"]
+    assert summary["counts"]["per_split"]["val"] == 4
+    assert Path(found["contact_sheet"]).is_file()
+    validation = json.loads(
+        (Path(summary["run_dir"]) / "validation" / "validation.json").read_text()
+    )
+    usable = Path(validation["report"]["usable_manifest_path"])
+    assert usable.name == "usable_manifest_deduplicated.csv" and str(copy) not in usable.read_text()

@@ -1,0 +1,196 @@
+"""Near-duplicates: re-encoded, resized or cropped copies that byte-level checks cannot see.
+
+A held-out copy of a training image makes validation accuracy a measure of memory, not of
+generalisation, and a copy under another label teaches both labels. Comparing every pair of images
+by pixels would cost N² decodes, so the search runs in two steps: candidates are each image's
+nearest neighbours by cosine similarity of the pooled head features the pipeline has already cached
+(a blocked matrix product; no index is needed at these sizes), and only candidate pairs are
+confirmed by a perceptual hash (Hamming distance), which looks at the pixels and so tells a copy
+from two photos of the same kind of thing, which the features alone rate as close.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import imagehash
+import numpy as np
+import pandas as pd
+
+from components.common.config import ValidationConfig
+from components.engine.images import open_image
+
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+_EXAMPLES = 10
+
+
+@dataclass(frozen=True)
+class NearDuplicatePair:
+    """Two images judged copies of each other; ``first`` is the one kept when one must go."""
+
+    first: str  # path
+    second: str
+    first_split: str
+    second_split: str
+    first_label: str
+    second_label: str
+    cosine: float
+    distance: int  # Hamming distance of the perceptual hashes
+
+    @property
+    def cross_split(self) -> bool:
+        return self.first_split != self.second_split
+
+    @property
+    def label_conflict(self) -> bool:
+        return self.first_label != self.second_label
+
+    def describe(self) -> str:
+        return f"cosine {self.cosine:.3f}, hash distance {self.distance}"
+
+
+@dataclass(frozen=True)
+class NearDuplicates:
+    """What the search found: confirmed pairs, what is quarantined (path -> reason), and effort."""
+
+    n_images: int
+    n_candidates: int
+    pairs: tuple[NearDuplicatePair, ...]
+    quarantined: dict[str, str]
+    n_too_small: int = 0  # images under near_duplicate_min_side, not searched
+
+    @property
+    def leaks(self) -> tuple[NearDuplicatePair, ...]:
+        return tuple(p for p in self.pairs if p.cross_split)
+
+    @property
+    def label_conflicts(self) -> tuple[NearDuplicatePair, ...]:
+        return tuple(p for p in self.pairs if p.label_conflict)
+
+    def to_dict(self, contact_sheet: Path | None = None) -> dict[str, Any]:
+        def rows(pairs: tuple[NearDuplicatePair, ...]) -> list[dict[str, Any]]:
+            return [vars(p) for p in pairs[:_EXAMPLES]]
+
+        return {
+            "n_images": self.n_images,
+            "n_candidates": self.n_candidates,
+            "n_too_small": self.n_too_small,
+            "n_pairs": len(self.pairs),
+            "n_cross_split": len(self.leaks),
+            "n_label_conflicts": len(self.label_conflicts),
+            "n_quarantined": len(self.quarantined),
+            "cross_split_examples": rows(self.leaks),
+            "label_conflict_examples": rows(self.label_conflicts),
+            "contact_sheet": None if contact_sheet is None else str(contact_sheet),
+        }
+
+
+def candidate_pairs(
+    embeddings: np.ndarray, min_cosine: float, neighbours: int, block: int
+) -> list[tuple[int, int, float]]:
+    """Pairs ``(i, j, cosine)`` with ``i < j``, each among the other's ``neighbours`` nearest
+    (either way round) and at least ``min_cosine`` apart; sorted, so the result is deterministic.
+
+    The product runs ``block`` rows at a time, so memory stays at ``block x N`` floats.
+    """
+    x = np.asarray(embeddings, dtype=np.float32)
+    n = len(x)
+    if n < 2:
+        return []
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    k = min(neighbours, n - 1)
+    found: dict[tuple[int, int], float] = {}
+    for start in range(0, n, block):
+        sims = x[start : start + block] @ x.T
+        rows = np.arange(len(sims))
+        sims[rows, start + rows] = -np.inf  # an image is not its own neighbour
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        for r, cols in enumerate(top):
+            i = start + r
+            for j in cols.tolist():
+                s = float(sims[r, j])
+                if s >= min_cosine:
+                    found[(min(i, j), max(i, j))] = s
+    return sorted((i, j, s) for (i, j), s in found.items())
+
+
+def perceptual_hash(path: str, kind: str, max_pixels: int | None = None) -> imagehash.ImageHash:
+    """The 64-bit perceptual hash of the upright image (``phash``: DCT; ``dhash``: gradients)."""
+    img = open_image(path, max_pixels)
+    return imagehash.phash(img) if kind == "phash" else imagehash.dhash(img)
+
+
+def _ordered(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Rows by split (train first) then path: the kept side of a pair is the earlier row."""
+    rank = manifest["split"].map(SPLIT_ORDER).fillna(len(SPLIT_ORDER))
+    return (
+        manifest.assign(_rank=rank, _row=np.arange(len(manifest)))
+        .sort_values(["_rank", "relpath", "_row"], kind="stable")
+        .reset_index(drop=True)
+    )
+
+
+def _quarantine(pairs: list[NearDuplicatePair]) -> dict[str, str]:
+    """The held-out side of every cross-split pair, with the reason; one reason per file."""
+    reasons: dict[str, str] = {}
+    for p in pairs:
+        if not p.cross_split or p.second in reasons:
+            continue
+        conflict = f", labelled {p.second_label} there {p.first_label}" if p.label_conflict else ""
+        reasons[p.second] = (
+            f"near-duplicate of {p.first_split} file {p.first} ({p.describe()}{conflict}) (leakage)"
+        )
+    return reasons
+
+
+def _allowed_distance(cosine: float, cfg: ValidationConfig) -> int:
+    """Hash bits a candidate may differ by: more when its features agree closely (a crop)."""
+    if cosine >= cfg.near_duplicate_close_cosine:
+        return cfg.near_duplicate_max_distance
+    return cfg.near_duplicate_far_distance
+
+
+def find_near_duplicates(
+    manifest: pd.DataFrame, embeddings: np.ndarray, cfg: ValidationConfig
+) -> NearDuplicates:
+    """Confirmed near-duplicate pairs among ``manifest``'s rows (``embeddings`` in row order).
+
+    Hashes are computed only for images in a candidate pair, once each.
+    """
+    frame = _ordered(manifest)
+    if {"width", "height"} <= set(frame.columns):
+        side = np.minimum(frame["width"].astype(int), frame["height"].astype(int))
+        frame = frame[side >= cfg.near_duplicate_min_side].reset_index(drop=True)
+    vectors = np.asarray(embeddings)[frame["_row"].to_numpy()]
+    candidates = candidate_pairs(
+        vectors,
+        cfg.near_duplicate_min_cosine,
+        cfg.near_duplicate_neighbours,
+        cfg.near_duplicate_block,
+    )
+    hashes: dict[int, imagehash.ImageHash] = {}
+
+    def hash_of(i: int) -> imagehash.ImageHash:
+        if i not in hashes:
+            hashes[i] = perceptual_hash(
+                frame.at[i, "path"], cfg.near_duplicate_hash, cfg.max_image_pixels
+            )
+        return hashes[i]
+
+    pairs = []
+    for i, j, cosine in candidates:
+        distance = int(hash_of(i) - hash_of(j))
+        if distance > _allowed_distance(cosine, cfg):
+            continue
+        a, b = frame.loc[i], frame.loc[j]
+        pairs.append(
+            NearDuplicatePair(
+                a["path"], b["path"], a["split"], b["split"], a["label"], b["label"],
+                round(cosine, 4), distance,
+            )
+        )  # fmt: skip
+    return NearDuplicates(
+        len(frame), len(candidates), tuple(pairs), _quarantine(pairs), len(manifest) - len(frame)
+    )
