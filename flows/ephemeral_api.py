@@ -44,7 +44,9 @@ logger = logging.getLogger(__name__)
 _ROOT = Path(__file__).resolve().parents[1]
 WATCH_INTERVAL_S = 0.2  # how often the server process checks that its parent is alive
 _GRACE_S = 3.0
-MIN_STARTUP_WAIT_S = 120.0  # after its parent died, how long the server may take to stop before it is cut
+MIN_STARTUP_WAIT_S = (
+    120.0  # after its parent died, how long the server may take to stop before it is cut
+)
 
 
 class OwnedAPIServer(SubprocessASGIServer):
@@ -87,7 +89,6 @@ class OwnedAPIServer(SubprocessASGIServer):
         listener.close()
         self._listener = None
         return process
-
 
     def start(self, timeout: int | None = None) -> None:
         """Start the server process and wait until it answers; a no-op once it runs.
