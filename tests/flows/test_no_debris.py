@@ -7,6 +7,7 @@ are followed by PID through ``/proc``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -74,10 +75,8 @@ def _survivors(pids: set[int], within_s: float) -> set[int]:
 
 def _kill(pids: set[int]) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 class _Cli:
