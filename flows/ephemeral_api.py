@@ -43,10 +43,8 @@ from prefect.settings import (
 logger = logging.getLogger(__name__)
 _ROOT = Path(__file__).resolve().parents[1]
 WATCH_INTERVAL_S = 0.2  # how often the server process checks that its parent is alive
-_GRACE_S = 3.0
-MIN_STARTUP_WAIT_S = (
-    120.0  # after its parent died, how long the server may take to stop before it is cut
-)
+_GRACE_S = 3.0  # after its parent died, how long the server may take to stop before it is cut
+MIN_STARTUP_WAIT_S = 120.0  # the least the CLI waits for the server to answer
 
 
 class OwnedAPIServer(SubprocessASGIServer):
