@@ -30,12 +30,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import (
+    PREFECT_HOME,
     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
     get_current_settings,
 )
@@ -101,6 +104,10 @@ class OwnedAPIServer(SubprocessASGIServer):
         # torch and the backbone, and a fresh database is migrated first.
         setting = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
         wait = float(timeout or max(setting, MIN_STARTUP_WAIT_S))
+        with _boot_lock():
+            self._start(wait)
+
+    def _start(self, wait: float) -> None:
         self.port = self.find_available_port()
         self.running = True
         logger.info("temporary Prefect API server on %s", self.address)
@@ -129,6 +136,22 @@ class OwnedAPIServer(SubprocessASGIServer):
         except BaseException:
             self.stop()
             raise
+
+
+@contextmanager
+def _boot_lock() -> Iterator[None]:
+    """Held while a server of this ``PREFECT_HOME`` boots: servers started together share its
+    database, and two of them migrating a fresh one at once fail ("duplicate column name")."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: boots are not serialised
+        yield
+        return
+    home = Path(PREFECT_HOME.value())
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".ephemeral-api-boot.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or this process dies
+        yield
 
 
 def start_owned_server() -> OwnedAPIServer:
