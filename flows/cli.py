@@ -126,17 +126,16 @@ def start_prefect_api_early() -> threading.Thread | None:
     With no ``PREFECT_API_URL``, Prefect starts a server process on the first flow call and waits
     for it (7 s on 2 CPUs). Started before torch, timm and Great Expectations are imported (8-10 s),
     it boots on the other core meanwhile; the flow then finds it running, since Prefect keeps one
-    such server per process.
+    such server per process. The server is ``flows.ephemeral_api.OwnedAPIServer``: on a port the
+    kernel gave this process alone, and gone as soon as this process is, even after a SIGKILL.
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return None
-    from prefect.server.api.server import SubprocessASGIServer
+    from flows.ephemeral_api import start_owned_server
 
-    thread = threading.Thread(
-        target=SubprocessASGIServer().start, name="prefect-api-start", daemon=True
-    )
+    thread = threading.Thread(target=start_owned_server, name="prefect-api-start", daemon=True)
     thread.start()
     return thread
 

@@ -33,7 +33,7 @@ from tasks.deploy.tracking import log_and_register
 from tasks.engine.embed import embed_dataset, open_engine
 from tasks.similarity.profile import save_domain_profile
 from tasks.similarity.scores import score_similarity
-from tasks.training.cases import evaluate_model, train_model
+from tasks.training.cases import clean_checkpoints, evaluate_model, train_model
 
 
 @dataclass
@@ -225,6 +225,7 @@ def transfer_flow(data: str, config: PipelineConfig | None = None) -> dict[str, 
             exported,
             d.prep,
         )
+    clean_checkpoints(cfg, trained)  # only now: a run killed before here resumes next time
     registered = published.registered
     return {
         **_decision_summary(d),

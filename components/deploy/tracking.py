@@ -49,7 +49,7 @@ from mlflow.utils.uri import is_databricks_uri
 
 from components.common.config import TrackingConfig
 from components.common.errors import ModelUriError
-from components.deploy import onnx_contract
+from components.deploy import onnx_contract, stale_runs
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +114,20 @@ def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
 
 
 def start_run(cfg: TrackingConfig, output_dir: Path, run_name: str, tags: dict[str, str]) -> str:
-    """Create (if needed) the experiment and a RUNNING run in it; returns the run id."""
+    """Create (if needed) the experiment and a RUNNING run in it; returns the run id.
+
+    The run is tagged with this process's PID and host, and runs that dead processes of this host
+    left RUNNING in the experiment are marked KILLED first (``stale_runs``).
+    """
     tracking_uri = resolve_tracking_uri(cfg, output_dir)
     if (db := _sqlite_file(tracking_uri)) is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
     client = _client(tracking_uri)
     experiment_id = _experiment_id(client, cfg.experiment, tracking_uri)
-    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    stale_runs.reap_stale_runs(client, experiment_id)
+    run = client.create_run(
+        experiment_id, run_name=run_name, tags={**tags, **stale_runs.owner_tags()}
+    )
     logger.info(
         "MLflow run %s (%s) in %s at %s", run.info.run_id, run_name, cfg.experiment, tracking_uri
     )

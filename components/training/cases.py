@@ -45,6 +45,7 @@ class TrainResult:
     device: str
     seconds: float
     notes: dict[str, object] = field(default_factory=dict)
+    checkpoint_key: str | None = None  # names the checkpoint folder (``training.checkpoints``)
 
 
 def choose_image_size(setting: int | str, median_short_side: int, native: int) -> tuple[int, str]:
@@ -81,6 +82,9 @@ class TrainingJob:
     run_dir: Path
     seed: int
     race: RaceRule | None = None  # verification: stop a fine-tune once its comparison is settled
+    # Where fine-tune checkpoints go; None: run_dir/checkpoints. The flow passes one named for the
+    # data and the configuration (``training.checkpoints``), so the next run resumes a killed one.
+    checkpoint_dir: Path | None = None
 
 
 _Trained = tuple[torch.nn.Module, ModelSpec, float, tuple[dict[str, float], ...]]
@@ -175,7 +179,7 @@ def _finetuned(job: TrainingJob, device: torch.device) -> tuple[_Trained, list[d
             (job.val.paths, job.val.labels.tolist()),
             job.prep,
             settings if init == "pretrained" else _random_init_settings(settings),
-            job.run_dir / "checkpoints" / f"{init}.pt",
+            (job.checkpoint_dir or job.run_dir / "checkpoints") / f"{init}.pt",
             device,
             job.seed,
         )

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from components.common.config import PipelineConfig
 from components.common.plan import TransferPlan
+from components.data.digest import data_digest
 from components.data.scan import read_manifest
 from components.data.splits import load_splits
 from components.engine.extraction import ExtractionEngine
 from components.engine.images import Preprocessing
-from components.training import cases, evaluation
+from components.training import cases, checkpoints, evaluation
 from components.training.models import load_model
 from tasks.common.policy import transient_only
 
@@ -34,8 +37,11 @@ def train_model(
     cfg: PipelineConfig,
     run_dir: Path,
 ) -> cases.TrainResult:
-    """Train the planned case; a retried attempt resumes from its last epoch checkpoint."""
-    splits = load_splits(read_manifest(usable_manifest), classes, engine, prep)
+    """Train the planned case; a retried attempt, or the next run on the same data with the same
+    configuration after this one was killed, resumes from the last epoch checkpoint."""
+    manifest = read_manifest(usable_manifest)
+    splits = load_splits(manifest, classes, engine, prep)
+    key = fine_tune_key(manifest, classes, plan, prep, cfg)
     job = cases.TrainingJob(
         plan,
         engine.backbone,
@@ -46,8 +52,9 @@ def train_model(
         prep,
         run_dir,
         cfg.seed,
+        checkpoint_dir=checkpoints.checkpoint_dir(cfg.output_dir, key),
     )
-    result = cases.train_case(job)
+    result = replace(cases.train_case(job), checkpoint_key=key)
     if result.history:  # a fine-tune's epochs; a frozen head is one convex fit
         evaluation.plot_learning_curve(
             result.history, run_dir / "learning_curve.png", f"case {plan.case}"
@@ -60,6 +67,33 @@ def train_model(
         result.val_accuracy,
     )
     return result
+
+
+def fine_tune_key(
+    manifest: pd.DataFrame,
+    classes: list[str],
+    plan: TransferPlan,
+    prep: Preprocessing,
+    cfg: PipelineConfig,
+) -> str:
+    """The checkpoint key: the data, and everything of the configuration that shapes the weights."""
+    settings = {
+        "backbone": cfg.backbone,
+        "train": cfg.train.model_dump(mode="json"),
+        "seed": cfg.seed,
+        "case": plan.case,
+        "similarity": plan.similarity,
+        "preprocessing": prep.to_dict(),
+        "classes": classes,
+    }
+    return checkpoints.checkpoint_key(data_digest(manifest), settings)
+
+
+@task(name="clean-checkpoints", cache_policy=NO_CACHE)
+def clean_checkpoints(cfg: PipelineConfig, trained: cases.TrainResult) -> int:
+    """After a successful run: its checkpoints, and any left idle long enough, are removed."""
+    removed = checkpoints.clean_checkpoints(cfg.output_dir, trained.checkpoint_key)
+    return len(removed)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

@@ -1,6 +1,7 @@
 """End to end: a real Prefect run, a real MLflow store in a temp dir, a real ONNX Runtime session."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -62,6 +63,8 @@ def test_flow_goes_from_folder_to_registered_onnx_model(digits_root: Path, tmp_p
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+    assert run.data.tags["transfer_pipeline.pid"] == str(os.getpid())
+    assert not any((tmp_path / "out" / "checkpoints").glob("*"))  # a finished run leaves none
     assert run.data.params["case"] == "2" and "val_accuracy" in run.data.metrics
     # A frozen head logs its cross-validation curve (one step per penalty on the grid), with the
     # interval of every held-out accuracy beside it.

@@ -5,6 +5,7 @@ import pytest
 
 from components.common.config import DataConfig, TrainConfig, ValidationConfig
 from components.data.counting import count_dataset
+from components.data.digest import data_digest
 from components.data.scan import scan_dataset
 from components.data.splits import load_splits
 from components.decision.strategy import StrategyConfig, select_case
@@ -13,6 +14,7 @@ from components.engine.extraction import ExtractionEngine
 from components.engine.images import Preprocessing
 from components.similarity.scores import SimilarityReport
 from components.training.cases import TrainingJob, choose_image_size, train_case
+from components.training.checkpoints import checkpoint_dir, checkpoint_key, clean_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +128,32 @@ def test_class_weights_only_when_imbalanced_or_asked(setup, tmp_path: Path) -> N
     weights = class_weights(skewed)
     assert weights is not None and weights[1] > 5 * weights[0]
     assert class_weights(replace(skewed, cfg=_cfg(class_weights="off"))) is None
+
+
+def test_a_killed_fine_tune_is_resumed_by_the_next_run_with_the_same_key(
+    setup, tmp_path: Path
+) -> None:
+    manifest = setup[0]
+    plan = _plan(manifest, 3)
+    key = checkpoint_key(data_digest(manifest), {"case": 3, "seed": 0})
+    assert key == checkpoint_key(data_digest(manifest), {"seed": 0, "case": 3})
+    assert key != checkpoint_key(data_digest(manifest), {"case": 3, "seed": 1})
+    folder = checkpoint_dir(tmp_path / "out", key)
+    # The first run stops after epoch 1 (as a kill after its checkpoint would leave it) ...
+    first = train_case(
+        replace(_job(setup, plan, _cfg(), tmp_path / "run-1"), checkpoint_dir=folder)
+    )
+    assert (folder / "pretrained.pt").is_file()
+    # ... and the next one, in a run folder of its own, finds the checkpoint and goes on.
+    cfg = TrainConfig(finetune_epochs=2, batch_size=32, num_workers=0)
+    second = train_case(replace(_job(setup, plan, cfg, tmp_path / "run-2"), checkpoint_dir=folder))
+    attempt = next(a for a in second.attempts if a["init"] == "pretrained")
+    assert attempt["resumed_from_epoch"] == 1
+    assert len(second.history) == 2 and second.history[0] == first.history[0]
+    assert not (tmp_path / "run-2" / "checkpoints").exists()
+    # Success: this key's folder goes; another, idle, goes once older than the limit.
+    idle = checkpoint_dir(tmp_path / "out", "0" * 16)
+    idle.mkdir()
+    (idle / "pretrained.pt").write_bytes(b"")
+    assert clean_checkpoints(tmp_path / "out", key) == [folder]
+    assert clean_checkpoints(tmp_path / "out", None, stale_after_s=-1.0) == [idle]
