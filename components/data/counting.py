@@ -35,7 +35,9 @@ class DatasetCounts:
     def to_dict(self) -> dict[str, object]:
         return {
             **asdict(self),
-            "imbalance_ratio": None if self.imbalance_ratio == float("inf") else self.imbalance_ratio,
+            "imbalance_ratio": None
+            if self.imbalance_ratio == float("inf")
+            else self.imbalance_ratio,
             "imbalanced": self.imbalanced,
         }
 
