@@ -155,7 +155,7 @@ def _collect(
                     continue
                 files_per_class[class_dir.name] += 1
                 found.append((entry, class_dir.name, source.split))
-                if entry.path.parent != class_dir.path:
+                if os.path.dirname(entry.path) != os.fspath(class_dir.path):
                     below = entry.path.relative_to(class_dir.path).parts[0]
                     nested.setdefault(class_dir.name, set()).add(below)
     walk.refuse_external_links()
@@ -247,7 +247,8 @@ def _inspect_all(
         ):
             details[i] = detail
     done = [d for d in details if d is not None]
-    if cache_path is not None:
+    # Nothing new, changed or gone: the cache on disk already says exactly this.
+    if cache_path is not None and (todo or len(known) != len(paths) or None in keys):
         rows = [(k, d) for k, d in zip(keys, done, strict=True) if k is not None]
         scan_cache.save(cache_path, rows, max_pixels)
     return done, len(paths) - len(todo)

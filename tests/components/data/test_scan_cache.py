@@ -79,6 +79,9 @@ def test_the_cache_is_replaced_atomically(data: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(data, copy)
     _csv(data, cache)
+    assert os.stat(cache).st_ino == first_inode  # nothing changed: nothing rewritten
+    write_photo(data / "dogs" / "new.jpg", seed=7)
+    _csv(data, cache)
     assert os.stat(cache).st_ino != first_inode  # a new file moved in, not one written over
     assert [p.name for p in cache.parent.iterdir()] == [cache.name]  # no temporary file left
     # another folder has a cache of its own
