@@ -50,6 +50,12 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
+    if summary.get("skipped"):
+        since = summary["unchanged_since"]
+        print(f"\n{summary['reason']}")
+        print(f"model: {since['model_uri']} (run folder {since['run_dir']})")
+        print(f"took {summary['seconds']:.1f} s")
+        return
     print(
         f"\ncase {summary['case']}{' (cut after ' + summary['cut'] + ')' if summary.get('cut') else ''}"
     )
@@ -148,7 +154,14 @@ def check_layout(data: str, cfg: PipelineConfig) -> None:
     open_layout(Path(data), cfg.data.follow_external_links)
 
 
-def _run_flow(kind: str, data: str, cfg: PipelineConfig, as_json: bool, debug: bool = False) -> int:
+def _run_flow(
+    kind: str,
+    data: str,
+    cfg: PipelineConfig,
+    as_json: bool,
+    debug: bool = False,
+    force: bool = False,
+) -> int:
     check_layout(data, cfg)
     booting = start_prefect_api_early()
     from flows.transfer import FLOWS
@@ -156,11 +169,14 @@ def _run_flow(kind: str, data: str, cfg: PipelineConfig, as_json: bool, debug: b
 
     if booting is not None:
         booting.join()  # a failed start is retried, and reported, by the flow call itself
+    kwargs: dict[str, Any] = {"data": data, "config": cfg}
+    if kind == "run":
+        kwargs["force"] = force
     if debug:
-        summary = FLOWS[kind](data=data, config=cfg)
+        summary = FLOWS[kind](**kwargs)
     else:
         with quiet_user_errors():
-            summary = FLOWS[kind](data=data, config=cfg)
+            summary = FLOWS[kind](**kwargs)
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
     else:
@@ -169,7 +185,7 @@ def _run_flow(kind: str, data: str, cfg: PipelineConfig, as_json: bool, debug: b
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    return _run_flow("run", args.data, _config(args), args.json, args.debug)
+    return _run_flow("run", args.data, _config(args), args.json, args.debug, args.force)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -182,7 +198,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     cfg = _config(args)
     data = materialise_digits(cfg.output_dir / "demo-data" / "digits")
     print(f"demo data: scikit-learn's handwritten digits written to {data}", file=sys.stderr)
-    return _run_flow("run", str(data), cfg, args.json, args.debug)
+    return _run_flow("run", str(data), cfg, args.json, args.debug, args.force)
 
 
 def _cmd_serve_schedule(args: argparse.Namespace) -> int:
@@ -297,6 +313,14 @@ def _cmd_export_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def force_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="run even when the data, configuration and backbone equal the last successful run's",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transfer-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -331,12 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
         if name == "run":
             promote_option(p)
+            force_option(p)
         common(p)
         p.set_defaults(func=func)
     p = sub.add_parser("demo", help="run the flow on scikit-learn's bundled digits")
     p.add_argument("--case", choices=["auto", "1", "2", "3", "4"], default="auto")
     p.add_argument("--json", action="store_true")
     promote_option(p)
+    force_option(p)
     common(p)
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("serve-schedule", help="serve the flow with a cron schedule (Prefect)")

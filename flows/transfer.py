@@ -22,6 +22,7 @@ from components.engine.images import Preprocessing
 from components.similarity.scores import SimilarityReport
 from components.training.cases import choose_image_size
 from tasks.common.context import RunContext, dataset_name, make_context
+from tasks.common.fingerprint import fingerprint_run, record_success, unchanged_since
 from tasks.data.near_duplicates import quarantine_near_duplicates
 from tasks.data.scan import count_dataset, scan_dataset
 from tasks.data.validation import validate_dataset
@@ -61,6 +62,16 @@ class Decision:
     image_size_reason: str
     similarity: SimilarityReport
     plan: TransferPlan
+    fingerprint: str = ""  # of data, configuration and backbone; empty when not taken (plans)
+    data_digest: str = ""
+
+
+class Unchanged(Exception):
+    """The data, configuration and backbone are those of the last successful run: stop early."""
+
+    def __init__(self, ctx: RunContext, fingerprint: str, since: dict[str, Any]) -> None:
+        super().__init__(f"unchanged since run {since['mlflow_run_id']}")
+        self.ctx, self.fingerprint, self.since = ctx, fingerprint, since
 
 
 def _run_name() -> str:
@@ -83,9 +94,19 @@ def input_preprocessing(
     ), reason
 
 
-def decide(data: str, cfg: PipelineConfig, clock: StageClock) -> Decision:
-    """Validate, count, score similarity, embed, set held-out near-duplicates aside and choose
-    the case."""
+def decide(
+    data: str,
+    cfg: PipelineConfig,
+    clock: StageClock,
+    fingerprinted: bool = False,
+    force: bool = False,
+) -> Decision:
+    """Validate, count, score similarity, choose the resolution, embed, set held-out
+    near-duplicates aside and choose the case.
+
+    With ``fingerprinted``, the run's fingerprint is taken once the data is validated, and unless
+    ``force`` a match with the last successful run raises ``Unchanged`` before anything costly.
+    """
     ctx = make_context(Path(data), cfg)
     with clock.stage("load_backbone"):
         engine = open_engine(cfg, ctx.cache_dir)
@@ -93,6 +114,13 @@ def decide(data: str, cfg: PipelineConfig, clock: StageClock) -> Decision:
         manifest, scanned = scan_dataset(ctx, cfg.data, cfg.validation, cfg.seed)
     with clock.stage("validate"):
         validation = validate_dataset(manifest, cfg.validation, ctx.run_dir, scanned)
+    fingerprint = digest = ""
+    if fingerprinted:
+        with clock.stage("fingerprint"):
+            fingerprint, digest = fingerprint_run(cfg, validation.usable_manifest_path)
+            since = None if force else unchanged_since(ctx, cfg, fingerprint)
+        if since is not None:
+            raise Unchanged(ctx, fingerprint, asdict(since))
     with clock.stage("count"):
         counts = count_dataset(validation.usable_manifest_path)
     rule_prep, rule_reason = input_preprocessing(counts, engine.native, cfg)
@@ -119,7 +147,18 @@ def decide(data: str, cfg: PipelineConfig, clock: StageClock) -> Decision:
         plan = select_case(
             usable, counts, similarity, prep, engine, cfg, ctx.run_dir, resolution.to_dict()
         )
-    return Decision(ctx, engine, validation, counts, prep, resolution.reason, similarity, plan)
+    return Decision(
+        ctx,
+        engine,
+        validation,
+        counts,
+        prep,
+        resolution.reason,
+        similarity,
+        plan,
+        fingerprint,
+        digest,
+    )
 
 
 def _decision_summary(d: Decision) -> dict[str, Any]:
@@ -179,13 +218,40 @@ def plan_flow(data: str, config: PipelineConfig | None = None) -> dict[str, Any]
     }
 
 
+def _skipped_summary(unchanged: Unchanged, clock: StageClock, start: float) -> dict[str, Any]:
+    since = unchanged.since
+    return {
+        "dataset": unchanged.ctx.name,
+        "skipped": True,
+        "reason": f"unchanged since run {since['mlflow_run_id']}: same data, configuration and "
+        f"backbone as {since['registered_model']} version {since['model_version']} "
+        "(nothing trained or registered; --force runs anyway)",
+        "unchanged_since": since,
+        "mlflow_run_id": since["mlflow_run_id"],
+        "fingerprint": unchanged.fingerprint,
+        "run_dir": str(unchanged.ctx.run_dir),
+        "stage_seconds": clock.seconds,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
 @flow(name="transfer-pipeline", flow_run_name=_run_name, log_prints=True)
-def transfer_flow(data: str, config: PipelineConfig | None = None) -> dict[str, Any]:
-    """Image folder in, registered ONNX model out; returns the run summary."""
+def transfer_flow(
+    data: str, config: PipelineConfig | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Image folder in, registered ONNX model out; returns the run summary.
+
+    A run given what the last successful run was given (same data digest, configuration and
+    backbone) stops after validation with ``skipped: true``, unless ``force``.
+    """
     cfg = config or PipelineConfig()
     clock = StageClock()
     start = time.perf_counter()
-    d = decide(data, cfg, clock)
+    try:
+        d = decide(data, cfg, clock, fingerprinted=True, force=force)
+    except Unchanged as unchanged:
+        print(unchanged)
+        return _skipped_summary(unchanged, clock, start)
     with clock.stage("verify"):
         plan = verify_case(
             d.validation.usable_manifest_path,
@@ -227,8 +293,20 @@ def transfer_flow(data: str, config: PipelineConfig | None = None) -> dict[str, 
         )
     clean_checkpoints(cfg, trained)  # only now: a run killed before here resumes next time
     registered = published.registered
+    record_success(
+        d.ctx,
+        cfg,
+        d.fingerprint,
+        d.data_digest,
+        published.run_id,
+        registered.name,
+        registered.version,
+        registered.model_uri,
+    )
     return {
         **_decision_summary(d),
+        "skipped": False,
+        "fingerprint": d.fingerprint,
         "metrics": {"val_accuracy": None, "test_accuracy": None}
         | {f"{k}_accuracy": m.accuracy for k, m in metrics.items()},
         "accuracy": {

@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from components.common.config import DataConfig, ValidationConfig
 from components.common.errors import DataValidationError
+from components.data import scan_cache
 from components.data.layout import Layout, open_layout
 from components.data.tree import Entry, FolderWalk, Skipped
 from components.engine.images import refuse_bombs
@@ -89,10 +90,12 @@ class ScanSummary:
 
 @dataclass(frozen=True)
 class ScanResult:
-    """The manifest (columns ``MANIFEST_COLUMNS``) and what the scan left out of it."""
+    """The manifest (columns ``MANIFEST_COLUMNS``), what the scan left out of it, and how many
+    rows came from the scan cache rather than from reading the file."""
 
     manifest: pd.DataFrame
     summary: ScanSummary
+    from_cache: int = 0
 
 
 def _hash_file(path: Path) -> tuple[bytes, str]:
@@ -152,7 +155,7 @@ def _collect(
                     continue
                 files_per_class[class_dir.name] += 1
                 found.append((entry, class_dir.name, source.split))
-                if entry.path.parent != class_dir.path:
+                if os.path.dirname(entry.path) != os.fspath(class_dir.path):
                     below = entry.path.relative_to(class_dir.path).parts[0]
                     nested.setdefault(class_dir.name, set()).add(below)
     walk.refuse_external_links()
@@ -223,8 +226,43 @@ def _summarise(walk: FolderWalk, layout: Layout, notes: list[str], n_other: int)
     return summary
 
 
-def scan_folder(root: Path, cfg: DataConfig, validation: ValidationConfig, seed: int) -> ScanResult:
-    """Walk ``root``, decide its layout, and read each image file once into the manifest."""
+def _inspect_all(
+    paths: list[Path], validation: ValidationConfig, cache_path: Path | None
+) -> tuple[list[dict[str, object]], int]:
+    """One row per path: from the cache where the file's stat identity is unchanged, else read
+    and decoded now; the cache is then rewritten to hold exactly these files."""
+    max_pixels = validation.max_image_pixels
+    known = {} if cache_path is None else scan_cache.load(cache_path, max_pixels)
+    # Stat before reading: a file changed while it is read is keyed by its old identity, so the
+    # next scan sees it differ and reads it again (never a new identity with old contents).
+    keys = [scan_cache.file_key(p) for p in paths]
+    details: list[dict[str, object] | None] = [
+        None if key is None else known.get(key) for key in keys
+    ]
+    todo = [i for i, d in enumerate(details) if d is None]
+    workers = min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for i, detail in zip(
+            todo, pool.map(lambda i: inspect_file(paths[i], max_pixels), todo), strict=True
+        ):
+            details[i] = detail
+    done = [d for d in details if d is not None]
+    # Nothing new, changed or gone: the cache on disk already says exactly this.
+    if cache_path is not None and (todo or len(known) != len(paths) or None in keys):
+        rows = [(k, d) for k, d in zip(keys, done, strict=True) if k is not None]
+        scan_cache.save(cache_path, rows, max_pixels)
+    return done, len(paths) - len(todo)
+
+
+def scan_folder(
+    root: Path,
+    cfg: DataConfig,
+    validation: ValidationConfig,
+    seed: int,
+    cache_path: Path | None = None,
+) -> ScanResult:
+    """Walk ``root``, decide its layout, and read each new or changed image file into the
+    manifest; with ``cache_path``, unchanged files take their row from the last scan there."""
     root = Path(root)
     walk, layout = open_layout(root, cfg.follow_external_links)
     found, notes, n_other = _collect(walk, layout, cfg)
@@ -233,11 +271,7 @@ def scan_folder(root: Path, cfg: DataConfig, validation: ValidationConfig, seed:
             f"no images found under {root}: expected ROOT/<class>/<image> or "
             f"ROOT/train/<class>/<image> with extensions {', '.join(cfg.extensions)}"
         )
-    workers = min(8, (os.cpu_count() or 1) * 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        details = list(
-            pool.map(lambda f: inspect_file(f[0].path, validation.max_image_pixels), found)
-        )
+    details, from_cache = _inspect_all([f[0].path for f in found], validation, cache_path)
     rows = [
         {
             "path": str(entry.path),
@@ -265,8 +299,14 @@ def scan_folder(root: Path, cfg: DataConfig, validation: ValidationConfig, seed:
     bad = frame[~frame["decodable"]]
     for _, row in bad.head(20).iterrows():
         log.warning("%s: %s", row["relpath"], row["error"])
-    log.info("scanned %d files under %s (%d not decodable)", len(frame), root, len(bad))
-    return ScanResult(frame.loc[:, list(MANIFEST_COLUMNS)], summary)
+    log.info(
+        "scanned %d files under %s (%d not decodable, %d unchanged since the last scan)",
+        len(frame),
+        root,
+        len(bad),
+        from_cache,
+    )
+    return ScanResult(frame.loc[:, list(MANIFEST_COLUMNS)], summary, from_cache)
 
 
 def scan_dataset(

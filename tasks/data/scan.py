@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from components.common.config import DataConfig, ValidationConfig
-from components.data import counting, scan
+from components.data import counting, scan, scan_cache
 from tasks.common.context import RunContext
 from tasks.common.policy import transient_only
 
@@ -24,11 +24,18 @@ from tasks.common.policy import transient_only
 def scan_dataset(
     ctx: RunContext, cfg: DataConfig, validation: ValidationConfig, seed: int
 ) -> tuple[Path, scan.ScanSummary]:
-    """Read every file once into ``manifest.csv`` in the run folder; say what was left out."""
-    result = scan.scan_folder(ctx.data_root, cfg, validation, seed)
+    """Write ``manifest.csv`` in the run folder, reading only files new or changed since the last
+    scan of this folder (the scan cache is shared by runs); say what was left out."""
+    cache = scan_cache.cache_file(ctx.cache_dir, ctx.data_root)
+    result = scan.scan_folder(ctx.data_root, cfg, validation, seed, cache_path=cache)
     path = ctx.run_dir / "manifest.csv"
     result.manifest.to_csv(path, index=False)
-    get_run_logger().info("manifest of %d files written to %s", len(result.manifest), path)
+    get_run_logger().info(
+        "manifest of %d files written to %s (%d unchanged since the last scan)",
+        len(result.manifest),
+        path,
+        result.from_cache,
+    )
     return path, result.summary
 
 

@@ -147,7 +147,7 @@ def test_flow_goes_from_folder_to_registered_onnx_model(digits_root: Path, tmp_p
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tracking, "tag_version", broken)
         with pytest.raises(PipelineError, match="injected"):
-            transfer_flow(data=str(digits_root), config=cfg)
+            transfer_flow(data=str(digits_root), config=cfg, force=True)
     failed = client.get_model_version(name, "3")
     assert client.get_run(failed.run_id).info.status == "FAILED"
     assert int(client.get_model_version_by_alias(name, "champion").version) == champion_before
