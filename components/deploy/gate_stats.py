@@ -8,23 +8,10 @@ is reported with its Wilson 95% interval (sound near 0 and 1 and for small n, un
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import binomtest
-
-Z_95 = 1.959963984540054
-
-
-def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval for ``correct`` successes out of ``n`` (0-1 when n is 0)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def mcnemar_exact(only_first: int, only_second: int) -> float:

@@ -27,8 +27,9 @@ from mlflow.models import EvaluationResult, MetricThreshold
 from mlflow.models.evaluation.validation import ModelValidationFailedException
 
 from components.common.config import TrackingConfig
+from components.common.intervals import wilson_interval
 from components.deploy import tracking
-from components.deploy.gate_stats import accuracy_floor, compare_paired, wilson_interval
+from components.deploy.gate_stats import accuracy_floor, compare_paired
 from components.deploy.heldout import HeldOut, predict_labels
 
 logger = logging.getLogger(__name__)

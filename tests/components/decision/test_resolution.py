@@ -37,9 +37,9 @@ def test_budget_takes_the_largest_size_that_fits() -> None:
     assert none_fit.chosen == 64 and "no size fits" in none_fit.reason
 
 
-def test_fine_detail_data_prefers_the_size_that_keeps_it() -> None:
-    """Stripes one pixel apart survive at the larger size only: the features at the small size
-    carry no class signal (measured through the same probe the pipeline runs)."""
+def test_the_size_whose_features_carry_the_classes_wins() -> None:
+    """Feature level, not images: when the small size's features carry no class signal and the
+    large size's do, the probe the pipeline runs scores them apart and the large size is chosen."""
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 60)
     detail = np.hstack([np.eye(2)[y] * 3 + rng.normal(size=(120, 2)), rng.normal(size=(120, 6))])
