@@ -42,7 +42,8 @@ from components.decision import strategy
 from components.training import evaluation
 from components.training.cases import TrainingJob, train_case
 from components.training.models import load_model
-from flows.transfer import Decision, StageClock, decide
+from flows.cli import start_prefect_api_early
+from flows.transfer import Decision, StageClock, decide, owned_run
 from tasks.decision.verification import verify_case
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -64,17 +65,18 @@ def subset(source: Path, per_class: int, dest: Path) -> Path:
 @flow(name="case-oracle-decision")
 def pipeline_decision(data: str, config: Any) -> tuple[Decision, strategy.TransferPlan]:
     """The pipeline's own decision: the rule's case, then budgeted verification."""
-    d = decide(data, config, StageClock())
-    final = verify_case(
-        d.validation.usable_manifest_path,
-        d.counts,
-        d.similarity,
-        d.plan,
-        d.prep,
-        d.engine,
-        config,
-        d.ctx.run_dir,
-    )
+    with owned_run(data, config) as ctx:
+        d = decide(ctx, config, StageClock())
+        final = verify_case(
+            d.validation.usable_manifest_path,
+            d.counts,
+            d.similarity,
+            d.plan,
+            d.prep,
+            d.engine,
+            config,
+            d.ctx.run_dir,
+        )
     return d, final
 
 
@@ -147,6 +149,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=None, help="default: the pipeline's")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    # Prefect's own temporary server would outlive a killed benchmark; ours dies with it.
+    if (booting := start_prefect_api_early()) is not None:
+        booting.join()
 
     name = args.name or (
         args.data.name + (f"-{args.per_class}-per-class" if args.per_class else "")

@@ -30,6 +30,7 @@ from report import machine, write_result
 
 from components.common.config import load_config
 from components.engine import backbones
+from flows.cli import start_prefect_api_early
 from flows.transfer import FLOWS
 
 
@@ -72,6 +73,9 @@ def main() -> int:
         "--flow", choices=sorted(FLOWS), default="run", help="the whole run, or the plan only"
     )
     args = parser.parse_args()
+    # Prefect's own temporary server would outlive a killed benchmark; ours dies with it.
+    if (booting := start_prefect_api_early()) is not None:
+        booting.join()
     overrides = {
         k: json.loads(v) if v[:1].isdigit() else v
         for k, _, v in (s.partition("=") for s in args.set)

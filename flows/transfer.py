@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -14,6 +14,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from components.common.config import PipelineConfig
+from components.common.ownership import release_run_folder
 from components.common.plan import TransferPlan
 from components.data.counting import DatasetCounts
 from components.data.validation import ValidationReport
@@ -23,6 +24,7 @@ from components.similarity.scores import SimilarityReport
 from components.training.cases import choose_image_size
 from tasks.common.context import RunContext, dataset_name, make_context
 from tasks.common.fingerprint import fingerprint_run, record_success, unchanged_since
+from tasks.common.ownership import claim_flow_run, crash_abandoned_flow_runs
 from tasks.data.near_duplicates import quarantine_near_duplicates
 from tasks.data.scan import count_dataset, scan_dataset
 from tasks.data.validation import validate_dataset
@@ -94,8 +96,26 @@ def input_preprocessing(
     ), reason
 
 
+@contextmanager
+def owned_run(data: str, cfg: PipelineConfig) -> Iterator[RunContext]:
+    """This flow run and its run folder, owned by this process while the block runs.
+
+    What a killed run left is cleared first: its flow run is marked Crashed, its run folder
+    removed (MLflow runs are reaped when tracking starts). The folder is released however the
+    block ends, short of the process being killed, which is the case the markers are for.
+    """
+    if flow_run.id is not None:
+        claim_flow_run(flow_run.id, list(flow_run.tags))
+        crash_abandoned_flow_runs(exclude=flow_run.id)
+    ctx = make_context(Path(data), cfg)
+    try:
+        yield ctx
+    finally:
+        release_run_folder(ctx.run_dir)
+
+
 def decide(
-    data: str,
+    ctx: RunContext,
     cfg: PipelineConfig,
     clock: StageClock,
     fingerprinted: bool = False,
@@ -107,7 +127,6 @@ def decide(
     With ``fingerprinted``, the run's fingerprint is taken once the data is validated, and unless
     ``force`` a match with the last successful run raises ``Unchanged`` before anything costly.
     """
-    ctx = make_context(Path(data), cfg)
     with clock.stage("load_backbone"):
         engine = open_engine(cfg, ctx.cache_dir)
     with clock.stage("scan"):
@@ -207,7 +226,8 @@ def plan_flow(data: str, config: PipelineConfig | None = None) -> dict[str, Any]
     cfg = config or PipelineConfig()
     clock = StageClock()
     start = time.perf_counter()
-    d = decide(data, cfg, clock)
+    with owned_run(data, cfg) as ctx:
+        d = decide(ctx, cfg, clock)
     preview = plan_verification(d.plan, d.counts, d.prep, d.engine, cfg)
     d = replace(d, plan=replace(d.plan, verification=preview.to_dict()))
     summary = _decision_summary(d)
@@ -245,10 +265,15 @@ def transfer_flow(
     backbone) stops after validation with ``skipped: true``, unless ``force``.
     """
     cfg = config or PipelineConfig()
+    with owned_run(data, cfg) as ctx:
+        return _train_and_ship(ctx, cfg, force)
+
+
+def _train_and_ship(ctx: RunContext, cfg: PipelineConfig, force: bool) -> dict[str, Any]:
     clock = StageClock()
     start = time.perf_counter()
     try:
-        d = decide(data, cfg, clock, fingerprinted=True, force=force)
+        d = decide(ctx, cfg, clock, fingerprinted=True, force=force)
     except Unchanged as unchanged:
         print(unchanged)
         return _skipped_summary(unchanged, clock, start)

@@ -15,12 +15,16 @@ the budget, else the cheapest.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from components.common.plan import ProbeScores
+from components.decision.strategy import probe_cuts
+from components.engine.extraction import ExtractionEngine
+from components.engine.images import Preprocessing
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,27 @@ def choose_by_probe(
         f"chose it because {why}."
     )
     return ResolutionChoice(chosen, "probe", candidates, reason, sample_images)
+
+
+def measure_sizes(
+    paths: Sequence[str],
+    sha256s: Sequence[str],
+    labels: np.ndarray,
+    sizes: Sequence[int],
+    prep: Preprocessing,
+    engine: ExtractionEngine,
+    seed: int,
+    prefer: str = "earliest",
+) -> ResolutionChoice:
+    """Embed one sample at every candidate size through the feature cache, probe each with the
+    same cross-validated linear probe the case choice uses, and choose (``choose_by_probe``)."""
+    probes, seconds = {}, {}
+    for size in sizes:
+        start = time.perf_counter()
+        features = engine.features(list(paths), list(sha256s), replace(prep, image_size=size))
+        seconds[size] = time.perf_counter() - start
+        probes[size] = probe_cuts(features, labels, seed, prefer)
+    return choose_by_probe(probes, seconds, len(paths))
 
 
 def choose_by_budget(

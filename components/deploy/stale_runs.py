@@ -11,11 +11,12 @@ the conservative mistake.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus, ViewType
+
+from components.common.ownership import Owner
 
 logger = logging.getLogger(__name__)
 
@@ -25,20 +26,8 @@ OWNER_HOST_TAG = "transfer_pipeline.host"
 
 def owner_tags() -> dict[str, str]:
     """The tags that name this process as a run's owner."""
-    return {OWNER_PID_TAG: str(os.getpid()), OWNER_HOST_TAG: socket.gethostname()}
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this host (one of another user counts as alive)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    owner = Owner.current()
+    return {OWNER_PID_TAG: str(owner.pid), OWNER_HOST_TAG: owner.host}
 
 
 def reap_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
@@ -53,7 +42,7 @@ def reap_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     stale = []
     for run in runs:
         pid = run.data.tags.get(OWNER_PID_TAG, "")
-        if pid.isdigit() and not pid_alive(int(pid)):
+        if pid.isdigit() and Owner(host, int(pid)).is_gone():
             client.set_terminated(run.info.run_id, status="KILLED")
             stale.append(run.info.run_id)
     if stale:

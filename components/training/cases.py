@@ -25,6 +25,7 @@ from components.data.splits import SplitData
 from components.engine.backbones import Backbone
 from components.engine.extraction import choose_device
 from components.engine.images import Preprocessing
+from components.training.checkpoints import exclusive
 from components.training.distributed import resolve_processes
 from components.training.distributed_finetune import launch_distributed
 from components.training.finetune import FinetuneSettings, RaceRule, finetune
@@ -224,7 +225,11 @@ def train_case(job: TrainingJob) -> TrainResult:
     start = time.perf_counter()
     torch.manual_seed(job.seed)
     device = choose_device(job.cfg.device)
-    trained, attempts = _frozen(job) if job.plan.case in (1, 2) else _finetuned(job, device)
+    if job.plan.case in (1, 2):
+        trained, attempts = _frozen(job)
+    else:
+        with exclusive(job.checkpoint_dir):
+            trained, attempts = _finetuned(job, device)
     model, spec, acc, history = trained
     classes, plan, run_dir = job.classes, job.plan, job.run_dir
     path = save_model(model, spec, classes, run_dir / "model.pt")

@@ -11,12 +11,14 @@ back.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,31 @@ def checkpoint_key(data_digest: str, settings: Mapping[str, Any]) -> str:
 def checkpoint_dir(output_dir: Path, key: str) -> Path:
     """``output_dir/checkpoints/<key>``, resolved (created by the first checkpoint written)."""
     return (Path(output_dir) / "checkpoints" / key).resolve()
+
+
+@contextmanager
+def exclusive(folder: Path | None) -> Iterator[None]:
+    """One fine-tune at a time per checkpoint folder.
+
+    Two runs with the same data and configuration share the folder; writing it together they
+    would interleave epochs. The second waits on ``<key>.lock`` beside the folder (a lock, not a
+    file's presence, so a killed holder frees it at once), then resumes from the first's last
+    checkpoint instead of training again. ``None`` (a run-folder checkpoint) needs no lock.
+    """
+    if folder is None:
+        yield
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{folder.name}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another run is fine-tuning on this data and configuration: waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _last_touched(folder: Path) -> float:

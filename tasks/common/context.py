@@ -8,6 +8,7 @@ from pathlib import Path
 
 from components.common.config import PipelineConfig
 from components.common.errors import ConfigError
+from components.common.ownership import claim_run_folder, remove_abandoned_run_folders
 from components.data import naming
 
 
@@ -32,12 +33,17 @@ def registered_model_name(ctx: RunContext, cfg: PipelineConfig) -> str:
 
 
 def make_context(data_root: Path, cfg: PipelineConfig) -> RunContext:
-    """A fresh run folder under ``output_dir``; the feature cache is shared across runs."""
+    """A fresh run folder under ``output_dir``, marked as this process's run in progress; the
+    feature cache is shared across runs. Folders of runs whose process was killed go first."""
     name = dataset_name(data_root, cfg)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
-    run_dir = (cfg.output_dir / "runs" / f"{name}-{stamp}").resolve()
+    runs_root = cfg.output_dir / "runs"
+    run_dir = (runs_root / f"{name}-{stamp}").resolve()
+    if runs_root.is_dir():
+        remove_abandoned_run_folders(runs_root)
     try:
         run_dir.mkdir(parents=True, exist_ok=False)
+        claim_run_folder(run_dir)
     except (FileExistsError, NotADirectoryError, PermissionError) as err:
         raise ConfigError(
             f"output_dir {cfg.output_dir}: cannot create the run folder {run_dir} "

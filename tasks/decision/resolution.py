@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,16 +37,16 @@ def _probe_sizes(
 ) -> resolution.ResolutionChoice:
     sample = stratified_sample(train, cfg.strategy.resolution_sample_images, cfg.seed)
     labels = np.unique(sample["label"].to_numpy(), return_inverse=True)[1]
-    prefer = strategy.probe_preference(similarity, cfg.strategy)
-    probes, seconds = {}, {}
-    for size in sizes:
-        start = time.perf_counter()
-        features = engine.features(
-            sample["path"].tolist(), sample["sha256"].tolist(), replace(prep, image_size=size)
-        )
-        seconds[size] = time.perf_counter() - start
-        probes[size] = strategy.probe_cuts(features, labels, cfg.seed, prefer)
-    return resolution.choose_by_probe(probes, seconds, len(sample))
+    return resolution.measure_sizes(
+        sample["path"].tolist(),
+        sample["sha256"].tolist(),
+        labels,
+        sizes,
+        prep,
+        engine,
+        cfg.seed,
+        strategy.probe_preference(similarity, cfg.strategy),
+    )
 
 
 @task(name="choose-resolution", cache_policy=NO_CACHE)

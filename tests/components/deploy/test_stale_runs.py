@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -13,20 +11,8 @@ from mlflow.entities import LoggedModelStatus
 
 from components.common.config import TrackingConfig
 from components.deploy import tracking
-from components.deploy.stale_runs import OWNER_HOST_TAG, OWNER_PID_TAG, pid_alive
-
-
-def _dead_pid() -> int:
-    """The PID of a process that ran and was reaped: nothing lives under it now."""
-    done = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    pid = int(done.stdout)
-    assert not pid_alive(pid)
-    return pid
+from components.deploy.stale_runs import OWNER_HOST_TAG, OWNER_PID_TAG
+from tests.conftest import dead_pid
 
 
 def test_the_next_run_kills_runs_of_dead_processes(tmp_path: Path) -> None:
@@ -41,9 +27,9 @@ def test_the_next_run_kills_runs_of_dead_processes(tmp_path: Path) -> None:
         tags = {OWNER_PID_TAG: str(pid), OWNER_HOST_TAG: host}
         return client.create_run(experiment, run_name=f"{pid}@{host}", tags=tags).info.run_id
 
-    dead = orphan(_dead_pid(), here)
+    dead = orphan(dead_pid(), here)
     pending = client.create_logged_model(experiment, source_run_id=dead, name="model")
-    elsewhere = orphan(_dead_pid(), f"not-{here}")  # its PID means nothing on this host
+    elsewhere = orphan(dead_pid(), f"not-{here}")  # its PID means nothing on this host
     alive = orphan(os.getpid(), here)
 
     tracking.start_run(cfg, tmp_path, "next", {})
