@@ -1,5 +1,6 @@
-"""``transfer-pipeline``: run, plan, demo, serve on a schedule, serve or batch-score a registered
-model, export a registered model as a Triton model repository."""
+"""``transfer-pipeline``: run, plan, demo, serve or deploy on a schedule or on new data, watch a
+data folder, serve or batch-score a registered model, export a registered model as a Triton model
+repository."""
 
 from __future__ import annotations
 
@@ -201,16 +202,78 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return _run_flow("run", str(data), cfg, args.json, args.debug, args.force)
 
 
+def _cron(text: str) -> str | None:
+    return None if text.strip().lower() in ("", "off", "none") else text
+
+
 def _cmd_serve_schedule(args: argparse.Namespace) -> int:
+    from flows.automation import retraining_options
     from flows.transfer import transfer_flow
 
     cfg = _config(args)
     check_layout(args.data, cfg)
+    if args.on_new_data:
+        from flows.automation import require_api
+
+        require_api()  # the events come through a server that outlives this process
     transfer_flow.serve(
-        name=args.name,
-        cron=args.cron,
-        parameters={"data": str(Path(args.data).resolve()), "config": cfg.model_dump(mode="json")},
+        **retraining_options(Path(args.data), cfg, args.name, _cron(args.cron), args.on_new_data)
     )
+    return 0
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from components.data.naming import dataset_name
+    from flows.automation import deploy_retraining, require_api
+
+    cfg = _config(args)
+    check_layout(args.data, cfg)
+    cron = _cron(args.cron)
+    if cron is None and not args.on_new_data:
+        raise ConfigError("--cron off without --on-new-data: nothing would ever start a run")
+    url = require_api()
+    name = args.name or f"retrain-{dataset_name(Path(args.data).resolve(), cfg.data.name)}"
+    deployment_id = deploy_retraining(Path(args.data), cfg, name, args.pool, cron, args.on_new_data)
+    when = [f"cron {cron!r}"] if cron else []
+    when += ["each transfer.dataset.updated event of the folder"] if args.on_new_data else []
+    print(f"deployment transfer-pipeline/{name} ({deployment_id}) on {url}")
+    print(f"runs on: {' and '.join(when)}; work pool {args.pool!r}")
+    print(f"start a worker: prefect worker start --pool {args.pool}")
+    if args.on_new_data:
+        print(f"send the events: transfer-pipeline watch --data {Path(args.data).resolve()}")
+    return 0
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    import signal
+
+    from components.data.watching import FolderWatcher
+    from flows.automation import emit_dataset_updated, require_api
+
+    cfg = _config(args)
+    url = require_api()
+    polling = True if args.poll else None
+    watcher = FolderWatcher(
+        Path(args.data), args.quiet, polling, args.poll_interval, cfg.data.follow_external_links
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    how = f"polling every {args.poll_interval:g} s" if watcher.polling else "inotify"
+    print(
+        f"watching {watcher.root} ({how}; an event {args.quiet:g} s after the last change) "
+        f"for {url}; digest now {watcher.digest[:12]}",
+        file=sys.stderr,
+        flush=True,
+    )
+    for batch in watcher.batches(stop):
+        event = emit_dataset_updated(batch)
+        print(
+            f"event {event.id if event else '(not sent)'}: +{len(batch.added)} "
+            f"-{len(batch.removed)} ~{len(batch.changed)} files, {batch.files} in all, "
+            f"digest {batch.digest[:12]}",
+            file=sys.stderr,
+            flush=True,
+        )
     return 0
 
 
@@ -321,6 +384,14 @@ def force_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def on_new_data_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--on-new-data",
+        action="store_true",
+        help="also run on each transfer.dataset.updated event of the folder (see watch)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transfer-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -369,8 +440,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--cron", default="0 3 * * 1", help="cron expression (default: Mondays 03:00)")
     p.add_argument("--name", default="scheduled-retrain")
+    on_new_data_option(p)
     common(p)
     p.set_defaults(func=_cmd_serve_schedule)
+    p = sub.add_parser(
+        "deploy", help="register the flow on the Prefect server at PREFECT_API_URL (a work pool)"
+    )
+    p.add_argument("--data", required=True)
+    p.add_argument(
+        "--cron", default="0 3 * * 1", help="cron expression (default: Mondays 03:00; off: none)"
+    )
+    p.add_argument("--pool", default="transfer-pipeline", help="a process work pool")
+    p.add_argument("--name", help="deployment name (default: retrain-DATASET)")
+    on_new_data_option(p)
+    common(p)
+    p.set_defaults(func=_cmd_deploy)
+    p = sub.add_parser(
+        "watch", help="send transfer.dataset.updated to PREFECT_API_URL when the folder changes"
+    )
+    p.add_argument("--data", required=True, help="the folder to watch")
+    p.add_argument(
+        "--quiet", type=float, default=5.0, help="seconds without a change before the event"
+    )
+    p.add_argument(
+        "--poll", action="store_true", help="poll (network file systems; automatic on NFS/SMB)"
+    )
+    p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between polls")
+    common(p)
+    p.set_defaults(func=_cmd_watch)
     p = sub.add_parser(
         "serve-model", help="serve a registered model over HTTP (OIP v2, ONNX Runtime)"
     )
@@ -417,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         "onnx_ir",
         "onnxscript",
         "great_expectations",
+        "watchfiles",
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
