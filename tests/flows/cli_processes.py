@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.processes import alive, descendants
+
 REPO = Path(__file__).resolve().parents[2]
 ADDRESS = re.compile(r"temporary Prefect API server on (http://127\.0\.0\.1:\d+)")
 
@@ -28,31 +30,6 @@ def cli_env(prefect_home: Path) -> dict[str, str]:
         TQDM_DISABLE="1",
     )
     return env
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie, dead but not yet reaped by its new parent, is dead)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return fields[0] not in ("Z", "X")
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below ``pid``, from the ``children`` lists of its threads."""
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                kids = {int(c) for c in (task / "children").read_text().split()}
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            todo.extend(kids - found)
-            found |= kids
-    return found
 
 
 def survivors(pids: set[int], within_s: float) -> set[int]:
