@@ -14,7 +14,7 @@ says so, as in a real run.
 size, each under its own ``--name``); by default the pipeline measures the size as in a real run.
 
 ``--per-class N`` takes the first N images of every class (from DATA/train/<class> when DATA has a
-train folder, else DATA/<class>) as symlinks in the output folder; the source is never touched.
+train folder, else DATA/<class>) as links in the output folder; the source is never touched.
 Results per case are cached in the output folder, so an interrupted benchmark resumes.
 """
 
@@ -34,6 +34,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from prefect import flow
+from subsets import class_files, link_range
 
 from components.common.config import load_config
 from components.data.scan import read_manifest
@@ -46,19 +47,10 @@ from flows.cli import start_prefect_api_early
 from flows.transfer import Decision, StageClock, decide, owned_run
 from tasks.decision.verification import verify_case
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
 
 def subset(source: Path, per_class: int, dest: Path) -> Path:
-    """DEST/<class>/ with symlinks to the first ``per_class`` images of every class."""
-    root = source / "train" if (source / "train").is_dir() else source
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        (dest / class_dir.name).mkdir(parents=True, exist_ok=True)
-        for f in files[:per_class]:
-            link = dest / class_dir.name / f.name
-            if not link.exists():
-                link.symlink_to(f.resolve())
+    """DEST/<class>/ with links to the first ``per_class`` images of every class."""
+    link_range(class_files(source), dest, 0, per_class)
     return dest
 
 

@@ -1,0 +1,89 @@
+"""What a rerun after new data costs, end to end: a first ``run``, then one after adding 5% new
+images, for a frozen case and a fine-tuned one.
+
+    python benchmarks/incremental.py --data /path/to/mnist --per-class 200 \
+        --json benchmarks/results/incremental_mnist.json
+
+The folder is the first ``--per-class`` images of every class, linked into a temporary folder;
+the 5% added are the next images of each class, so the source is never touched. Both runs share
+one output folder (scan cache, feature cache, MLflow store), as a scheduled retrain would. The
+aim is a second run costing at most 0.3 of the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from report import machine, write_result
+from subsets import class_files, link_range
+
+from components.common.config import load_config
+from flows.cli import start_prefect_api_early
+from flows.transfer import transfer_flow
+
+MODES = {"frozen": {}, "fine-tuned": {"strategy.case": 3}}
+
+
+def timed_run(data: Path, cfg: Any) -> dict[str, Any]:
+    start = time.perf_counter()
+    summary = transfer_flow(data=str(data), config=cfg)
+    return {
+        "wall_seconds": round(time.perf_counter() - start, 2),
+        "stage_seconds": summary["stage_seconds"],
+        "case": summary["case"],
+        "image_size": summary["image_size"],
+        "val_accuracy": summary["metrics"]["val_accuracy"],
+        "model_version": summary["model_version"],
+        "load_before": round(os.getloadavg()[0], 2),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--per-class", type=int, default=200)
+    parser.add_argument("--added", type=float, default=0.05, help="share of new images")
+    parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=sorted(MODES))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if (booting := start_prefect_api_early()) is not None:
+        booting.join()
+    files = class_files(args.data)
+    extra = max(1, round(args.per_class * args.added))
+    results = {}
+    for mode in args.modes:
+        with tempfile.TemporaryDirectory(prefix="tp-incremental-") as tmp:
+            data = Path(tmp) / "mnist"
+            n = link_range(files, data, 0, args.per_class)
+            overrides = {"output_dir": str(Path(tmp) / "out"), "data.name": "mnist", **MODES[mode]}
+            cfg = load_config(None, {**overrides, "data.follow_external_links": True})
+            first = timed_run(data, cfg)
+            added = link_range(files, data, args.per_class, args.per_class + extra)
+            second = timed_run(data, cfg)
+            ratio = round(second["wall_seconds"] / first["wall_seconds"], 3)
+            results[mode] = {"images": n, "added": added, "first": first, "second": second}
+            results[mode]["ratio"] = ratio
+            print(
+                f"{mode}: {n} images, then +{added}: first {first['wall_seconds']} s, "
+                f"second {second['wall_seconds']} s, ratio {ratio}",
+                flush=True,
+            )
+            for name, run in (("first", first), ("second", second)):
+                stages = ", ".join(f"{k} {v:.1f}" for k, v in run["stage_seconds"].items())
+                print(f"  {name}: case {run['case']} at {run['image_size']} px; {stages}")
+    write_result({"machine": machine(), "per_class": args.per_class, **results}, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
