@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from components.common.plan import ProbeScores
+from components.common.progress import ProgressCallback, within
 from components.decision.strategy import probe_cuts
 from components.engine.extraction import ExtractionEngine
 from components.engine.images import Preprocessing
@@ -93,13 +94,20 @@ def measure_sizes(
     engine: ExtractionEngine,
     seed: int,
     prefer: str = "earliest",
+    on_progress: ProgressCallback | None = None,
 ) -> ResolutionChoice:
     """Embed one sample at every candidate size through the feature cache, probe each with the
-    same cross-validated linear probe the case choice uses, and choose (``choose_by_probe``)."""
+    same cross-validated linear probe the case choice uses, and choose (``choose_by_probe``).
+    ``on_progress`` hears of the embedding, each size an equal share."""
     probes, seconds = {}, {}
-    for size in sizes:
+    for i, size in enumerate(sizes):
         start = time.perf_counter()
-        features = engine.features(list(paths), list(sha256s), replace(prep, image_size=size))
+        features = engine.features(
+            list(paths),
+            list(sha256s),
+            replace(prep, image_size=size),
+            on_progress=within(on_progress, i / len(sizes), (i + 1) / len(sizes)),
+        )
         seconds[size] = time.perf_counter() - start
         probes[size] = probe_cuts(features, labels, seed, prefer)
     return choose_by_probe(probes, seconds, len(paths))

@@ -25,10 +25,10 @@ import onnxruntime
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from components.common.config import TrainConfig
 from components.common.errors import PipelineError
+from components.common.progress import Progress, ProgressCallback, within
 from components.engine.backbones import Backbone
 from components.engine.cache import MOMENTS_SUFFIX, RowCache, cache_key
 from components.engine.images import EvalTransform, ImageFiles, Preprocessing, decode_batch
@@ -101,10 +101,14 @@ def choose_engine(engine: str, device: torch.device) -> str:
 
 
 def with_progress(
-    batches: Iterable[object], n: int, total: int | None = None, verb: str = "embedding"
-) -> tqdm:
-    """``batches`` (``total`` of them, or ``len(batches)``) behind a bar for ``n`` images."""
-    return tqdm(batches, total=total, desc=f"{verb} {n} images", unit="batch", leave=False)
+    batches: Iterable[object],
+    n: int,
+    total: int | None = None,
+    verb: str = "embedding",
+    on_progress: ProgressCallback | None = None,
+) -> Progress:
+    """``batches`` (``total`` of them, or ``len(batches)``) with the progress of ``n`` images."""
+    return Progress(batches, total, f"{verb} {n} images", "batch", on_progress=on_progress)
 
 
 def image_loader(
@@ -139,9 +143,10 @@ def run_streams(
     streams: int,
     dtype: type = np.float16,
     verb: str = "embedding",
+    on_progress: ProgressCallback | None = None,
 ) -> np.ndarray:
     """The session's first output for every image in ``paths``, row by row (``verb`` names the
-    work on the progress bar).
+    work in the progress shown; ``on_progress`` hears of every batch).
 
     ``streams`` threads each decode a batch and run it. Threads suffice: Pillow's decoders and
     resampling, NumPy's normalisation and ONNX Runtime all release the GIL while they work.
@@ -155,7 +160,9 @@ def run_streams(
     pool = ThreadPoolExecutor(streams, thread_name_prefix="embed")
     try:
         return np.concatenate(
-            list(with_progress(pool.map(rows, batches), len(paths), len(batches), verb))
+            list(
+                with_progress(pool.map(rows, batches), len(paths), len(batches), verb, on_progress)
+            )
         )
     finally:
         pool.shutdown(cancel_futures=True)  # on an error, queued batches are dropped, not run
@@ -219,31 +226,42 @@ class ExtractionEngine:
         shas: Sequence[str],
         prep: Preprocessing,
         moments_for: Collection[str] = (),
+        on_progress: ProgressCallback | None = None,
     ) -> dict[str, np.ndarray]:
         """Pooled features at every cut point, one array per cut point, rows in ``shas`` order.
 
         Images whose sha256 is in ``moments_for`` also get their BatchNorm moments at ``prep``
         computed and cached in the same pass, so a later ``moments`` call reads them.
+        ``on_progress`` hears how much of what the caches lacked is computed (1.0 at the end).
         """
-        self._fill(paths, shas, prep, set(moments_for))
+        self._fill(paths, shas, prep, set(moments_for), on_progress)
         rows = self._cache(cache_key(self.backbone, prep)).get(shas)
         return self.layout.features(rows, self.backbone.cut_points)
 
     def moments(
-        self, paths: Sequence[str], shas: Sequence[str], prep: Preprocessing | None = None
+        self,
+        paths: Sequence[str],
+        shas: Sequence[str],
+        prep: Preprocessing | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> BnMoments:
         """Every image's BatchNorm input moments and source logits at ``prep`` (default: native)."""
         prep = prep or self.native
-        self._fill(paths, shas, prep, set(shas))
+        self._fill(paths, shas, prep, set(shas), on_progress)
         return self.layout.moments(self._cache(self._moments_key(prep)).get(shas))
 
     @torch.inference_mode()
     def predict(
-        self, model: nn.Module, paths: Sequence[str], prep: Preprocessing, batch_size: int
+        self,
+        model: nn.Module,
+        paths: Sequence[str],
+        prep: Preprocessing,
+        batch_size: int,
+        on_progress: ProgressCallback | None = None,
     ) -> np.ndarray:
         """``model``'s outputs for ``paths`` (in PyTorch on the engine's device; uncached, since
         a trained model is not the backbone the caches are keyed by)."""
-        return self._torch_rows(model, paths, prep, batch_size, autocast=True)
+        return self._torch_rows(model, paths, prep, batch_size, True, on_progress)
 
     def _moments_key(self, prep: Preprocessing) -> str:
         return cache_key(self.backbone, prep) + MOMENTS_SUFFIX
@@ -254,7 +272,12 @@ class ExtractionEngine:
         return self._caches[key]
 
     def _fill(
-        self, paths: Sequence[str], shas: Sequence[str], prep: Preprocessing, moments_for: set[str]
+        self,
+        paths: Sequence[str],
+        shas: Sequence[str],
+        prep: Preprocessing,
+        moments_for: set[str],
+        on_progress: ProgressCallback | None = None,
     ) -> None:
         with self._lock:
             features = self._cache(cache_key(self.backbone, prep))
@@ -271,8 +294,15 @@ class ExtractionEngine:
                 self.engine,
             )
             first_path = {s: p for p, s in zip(paths, shas, strict=True)}
+            # One fraction over both passes, each weighted by its images.
+            split = len(with_moments) / max(1, len(with_moments) + len(features_only))
             if with_moments:
-                rows = self._rows(FEATURES_AND_MOMENTS, [first_path[s] for s in with_moments], prep)
+                rows = self._rows(
+                    FEATURES_AND_MOMENTS,
+                    [first_path[s] for s in with_moments],
+                    prep,
+                    within(on_progress, 0.0, split),
+                )
                 lacking = set(features.missing(with_moments))
                 keep = [i for i, s in enumerate(with_moments) if s in lacking]
                 n = self.layout.n_features
@@ -282,25 +312,44 @@ class ExtractionEngine:
                     )
                 moments.add(with_moments, rows[:, n:])
             if features_only:
-                rows = self._rows(FEATURES, [first_path[s] for s in features_only], prep)
+                rows = self._rows(
+                    FEATURES,
+                    [first_path[s] for s in features_only],
+                    prep,
+                    within(on_progress, split, 1.0),
+                )
                 features.add(features_only, rows)
+        if on_progress is not None:
+            on_progress(1.0, len(shas), len(shas))  # also when the caches held everything
 
     def _batch(self, graph: _Graph, prep: Preprocessing) -> int:
         if graph is FEATURES_AND_MOMENTS and self.moments_batch_size:
             return self.moments_batch_size
         return self.batch_size or extraction_batch(prep.image_size, self.device)
 
-    def _rows(self, graph: _Graph, paths: Sequence[str], prep: Preprocessing) -> np.ndarray:
+    def _rows(
+        self,
+        graph: _Graph,
+        paths: Sequence[str],
+        prep: Preprocessing,
+        on_progress: ProgressCallback | None = None,
+    ) -> np.ndarray:
         batch = self._batch(graph, prep)
         if self.engine == "onnxruntime":
-            rows = self._onnx_rows(graph, paths, prep, batch)
+            rows = self._onnx_rows(graph, paths, prep, batch, on_progress)
             if rows is not None:
                 return rows
         module = graph.wrap(self.backbone.model)
-        return self._torch_rows(module, paths, prep, batch, graph.autocast).astype(graph.dtype)
+        rows = self._torch_rows(module, paths, prep, batch, graph.autocast, on_progress)
+        return rows.astype(graph.dtype)
 
     def _onnx_rows(
-        self, graph: _Graph, paths: Sequence[str], prep: Preprocessing, batch: int
+        self,
+        graph: _Graph,
+        paths: Sequence[str],
+        prep: Preprocessing,
+        batch: int,
+        on_progress: ProgressCallback | None = None,
     ) -> np.ndarray | None:
         streams, threads = stream_plan(len(paths), batch, available_cpus())
         folder = self.cache_root / cache_key(self.backbone, prep)
@@ -317,7 +366,9 @@ class ExtractionEngine:
             log.warning("%s unusable, computing its rows with PyTorch: %s", graph.file_name, err)
             return None
         session = self._sessions[path, threads]
-        return run_streams(session, paths, prep, batch, streams, graph.dtype)
+        return run_streams(
+            session, paths, prep, batch, streams, graph.dtype, on_progress=on_progress
+        )
 
     @torch.inference_mode()
     def _torch_rows(
@@ -327,6 +378,7 @@ class ExtractionEngine:
         prep: Preprocessing,
         batch_size: int,
         autocast: bool,
+        on_progress: ProgressCallback | None = None,
     ) -> np.ndarray:
         device = self.device
         # Moved for the pass and back: the module may share its weights with the run's backbone.
@@ -339,7 +391,7 @@ class ExtractionEngine:
         )
         chunks = []
         try:
-            for images, _ in with_progress(loader, len(paths)):
+            for images, _ in with_progress(loader, len(paths), on_progress=on_progress):
                 x = images.to(device, non_blocking=True).contiguous(
                     memory_format=torch.channels_last
                 )

@@ -20,6 +20,7 @@ import torch
 
 from components.common.config import TrainConfig
 from components.common.plan import TransferPlan
+from components.common.progress import ProgressCallback, within
 from components.data.counting import IMBALANCE_RATIO
 from components.data.splits import SplitData
 from components.engine.backbones import Backbone
@@ -86,6 +87,8 @@ class TrainingJob:
     # Where fine-tune checkpoints go; None: run_dir/checkpoints. The flow passes one named for the
     # data and the configuration (``training.checkpoints``), so the next run resumes a killed one.
     checkpoint_dir: Path | None = None
+    # Hears the fine-tune's progress (one share per initialisation tried); frozen heads are quick.
+    on_progress: ProgressCallback | None = None
 
 
 _Trained = tuple[torch.nn.Module, ModelSpec, float, tuple[dict[str, float], ...]]
@@ -162,7 +165,8 @@ def _finetuned(job: TrainingJob, device: torch.device) -> tuple[_Trained, list[d
     ]
     best: _Trained | None = None
     processes = resolve_processes(cfg.processes, device)
-    for init in ["pretrained"] if plan.case == 3 else ["pretrained", "random"]:
+    inits = ["pretrained"] if plan.case == 3 else ["pretrained", "random"]
+    for i, init in enumerate(inits):
         spec = ModelSpec(
             job.backbone.name, plan.case, None, len(job.classes), init, job.prep.image_size
         )
@@ -171,8 +175,9 @@ def _finetuned(job: TrainingJob, device: torch.device) -> tuple[_Trained, list[d
             init == "pretrained"
         ):  # linear probe first, then fine-tune: the body starts from a sane head
             model.get_classifier().load_state_dict(probe.head.state_dict())
-        run = finetune
-        if processes > 1:
+        share = within(job.on_progress, i / len(inits), (i + 1) / len(inits))
+        run = partial(finetune, on_progress=share)
+        if processes > 1:  # progress stays in the torchrun processes' own output
             run = partial(launch_distributed, backbone=job.backbone, spec=spec, processes=processes)
         result = run(
             model,

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from components.common.progress import Progress, ProgressCallback, within
 from components.engine.images import EvalTransform, ImageFiles, Preprocessing, train_transform
 from components.training import distributed
 
@@ -173,6 +173,7 @@ def _train_epoch(
     device: torch.device,
     desc: str,
     freeze_bn: bool,
+    on_progress: ProgressCallback | None = None,
 ) -> tuple[float, int]:
     """One pass over this process's training images: summed loss and images seen."""
     model.train()
@@ -182,9 +183,10 @@ def _train_epoch(
                 module.eval()
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     total, seen = 0.0, 0
-    # Only rank 0 shows a bar; passing disable=False there would override TQDM_DISABLE.
-    quiet = {} if distributed.is_main() else {"disable": True}
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, **quiet)
+    # Only rank 0 shows progress.
+    bar = Progress(
+        loader, desc=desc, unit="batch", disable=not distributed.is_main(), on_progress=on_progress
+    )
     for images, labels in bar:
         loss = train_step(model, images, labels, opt, loss_fn, device, use_bf16)
         sched.step()
@@ -230,8 +232,10 @@ def finetune(
     checkpoint: Path,
     device: torch.device,
     seed: int,
+    on_progress: ProgressCallback | None = None,
 ) -> FinetuneResult:
-    """Train ``model`` in place; resume from ``checkpoint`` when a previous attempt left one."""
+    """Train ``model`` in place; resume from ``checkpoint`` when a previous attempt left one.
+    ``on_progress`` hears of every training step, as a fraction of all epochs'."""
     start = time.perf_counter()
     rank = distributed.rank()
     torch.manual_seed(seed + rank)  # processes differ in augmentation and dropout, not in weights
@@ -297,6 +301,7 @@ def finetune(
             device,
             f"epoch {epoch + 1}/{settings.epochs}",
             settings.freeze_bn,
+            within(on_progress, epoch / settings.epochs, (epoch + 1) / settings.epochs),
         )
         samples += seen
         total, seen_everywhere = distributed.all_sum([total, seen], device)

@@ -10,6 +10,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from components.common.config import PipelineConfig
+from components.common.progress import ProgressCallback
 from components.data.counting import DatasetCounts
 from components.data.scan import read_manifest
 from components.decision import resolution, strategy
@@ -17,6 +18,7 @@ from components.decision.costs import finetune_seconds, training_throughput
 from components.engine.extraction import ExtractionEngine
 from components.engine.images import Preprocessing
 from components.similarity.scores import SimilarityReport
+from tasks.common.progress import stage_progress
 
 
 def stratified_sample(train: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
@@ -34,6 +36,7 @@ def _probe_sizes(
     similarity: SimilarityReport,
     engine: ExtractionEngine,
     cfg: PipelineConfig,
+    on_progress: ProgressCallback,
 ) -> resolution.ResolutionChoice:
     sample = stratified_sample(train, cfg.strategy.resolution_sample_images, cfg.seed)
     labels = np.unique(sample["label"].to_numpy(), return_inverse=True)[1]
@@ -46,6 +49,7 @@ def _probe_sizes(
         engine,
         cfg.seed,
         strategy.probe_preference(similarity, cfg.strategy),
+        on_progress,
     )
 
 
@@ -68,7 +72,8 @@ def choose_resolution(
     manifest = read_manifest(usable_manifest)
     train = manifest[manifest["split"] == "train"]
     if strategy.planned_case(counts, similarity, cfg.strategy) in (1, 2):
-        choice = _probe_sizes(train, sizes, prep, similarity, engine, cfg)
+        with stage_progress("resolution-progress", f"probing sizes {sizes}") as progress:
+            choice = _probe_sizes(train, sizes, prep, similarity, engine, cfg, progress)
     else:
         n_train, n_val = len(train), counts.per_split.get("val", 0)
         estimated = {

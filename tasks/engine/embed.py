@@ -14,6 +14,7 @@ from components.engine.backbones import load_backbone
 from components.engine.extraction import ExtractionEngine
 from components.engine.images import Preprocessing
 from tasks.common.policy import transient_only
+from tasks.common.progress import stage_progress
 
 
 def open_engine(cfg: PipelineConfig, cache_dir: Path) -> ExtractionEngine:
@@ -34,6 +35,8 @@ def embed_dataset(
     its sample's features with their BatchNorm moments, so those images cost nothing here.
     """
     manifest = read_manifest(usable_manifest)
-    engine.features(manifest["path"].tolist(), manifest["sha256"].tolist(), prep)
+    paths, shas = manifest["path"].tolist(), manifest["sha256"].tolist()
+    with stage_progress("embed-progress", f"embedding {len(paths)} images") as progress:
+        engine.features(paths, shas, prep, on_progress=progress)
     get_run_logger().info("features ready for %d images at %d px", len(manifest), prep.image_size)
     return len(manifest)

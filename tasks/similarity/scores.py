@@ -18,6 +18,7 @@ from components.engine.extraction import ExtractionEngine
 from components.engine.images import Preprocessing
 from components.similarity import scores
 from components.similarity.domain_profile import PROFILE_CUT, DomainProfile, load_profile
+from tasks.common.progress import stage_progress
 
 
 def _profile_embeddings(
@@ -49,7 +50,8 @@ def score_similarity(
     and against a stored domain profile (configured, or the base model's) when there is one."""
     sample = scores.similarity_sample(read_manifest(usable_manifest), cfg.similarity, cfg.seed)
     paths, shas = sample["path"].tolist(), sample["sha256"].tolist()
-    moments = engine.moments(paths, shas)
+    with stage_progress("similarity-progress", f"BatchNorm moments of {len(paths)} images") as p:
+        moments = engine.moments(paths, shas, on_progress=p)
     profile_dir = cfg.similarity.profile or engine.backbone.profile_dir
     profile, embeddings = None, None
     if profile_dir is not None:

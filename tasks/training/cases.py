@@ -19,6 +19,7 @@ from components.engine.images import Preprocessing
 from components.training import cases, checkpoints, evaluation
 from components.training.models import load_model
 from tasks.common.policy import transient_only
+from tasks.common.progress import stage_progress
 
 
 @task(
@@ -42,19 +43,21 @@ def train_model(
     manifest = read_manifest(usable_manifest)
     splits = load_splits(manifest, classes, engine, prep)
     key = fine_tune_key(manifest, classes, plan, prep, cfg)
-    job = cases.TrainingJob(
-        plan,
-        engine.backbone,
-        splits["train"],
-        splits["val"],
-        classes,
-        cfg.train,
-        prep,
-        run_dir,
-        cfg.seed,
-        checkpoint_dir=checkpoints.checkpoint_dir(cfg.output_dir, key),
-    )
-    result = replace(cases.train_case(job), checkpoint_key=key)
+    with stage_progress("train-progress", f"training case {plan.case}") as progress:
+        job = cases.TrainingJob(
+            plan,
+            engine.backbone,
+            splits["train"],
+            splits["val"],
+            classes,
+            cfg.train,
+            prep,
+            run_dir,
+            cfg.seed,
+            checkpoint_dir=checkpoints.checkpoint_dir(cfg.output_dir, key),
+            on_progress=progress,
+        )
+        result = replace(cases.train_case(job), checkpoint_key=key)
     if result.history:  # a fine-tune's epochs; a frozen head is one convex fit
         evaluation.plot_learning_curve(
             result.history, run_dir / "learning_curve.png", f"case {plan.case}"

@@ -198,3 +198,19 @@ def test_predict_runs_a_trained_model_over_files(lite0, images, tmp_path: Path) 
     with torch.no_grad():
         expected = model(x).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_progress_spans_both_passes_and_ends_at_one(lite0, images, tmp_path: Path) -> None:
+    paths, shas = images
+    heard: list[float] = []
+    engine = _engine(lite0, tmp_path)
+    engine.batch_size = engine.moments_batch_size = 2  # several batches in each pass
+    engine.features(
+        paths, shas, PREP, moments_for=shas[:4], on_progress=lambda f, *_: heard.append(f)
+    )
+    assert heard == sorted(heard)  # one fraction over both passes, never going back
+    assert heard[-1] == 1.0
+    assert 0.4 in heard  # the moments pass (4 of 10 images) ends at its share
+    heard.clear()
+    engine.features(paths, shas, PREP, on_progress=lambda f, *_: heard.append(f))
+    assert heard == [1.0]  # all cached: done at once
