@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +135,13 @@ def dead_pid() -> int:
         text=True,
     )
     return int(done.stdout)
+
+
+@pytest.fixture(scope="session")
+def prefect_backend() -> Iterator[None]:
+    """One real (temporary) Prefect server and database for the whole session, started by the
+    first test folder that asks for it (flows/ and tasks/ do, for every test they hold)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,11 +1,6 @@
-from collections.abc import Iterator
-
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 
-@pytest.fixture(scope="session", autouse=True)
-def prefect_backend() -> Iterator[None]:
-    """One real (temporary) Prefect server and database for every task test."""
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+@pytest.fixture(autouse=True)
+def _on_prefect(prefect_backend: None) -> None:
+    """Every test here runs against the session's Prefect server (tests/conftest.py)."""
