@@ -7,7 +7,6 @@ stages run in the flow's process exactly as they always have.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -17,8 +16,6 @@ from prefect.task_runners import TaskRunner
 
 from components.common.config import RunConfig
 from components.engine.onnx_graphs import available_cpus
-
-log = logging.getLogger(__name__)
 
 
 class Shards:
