@@ -25,6 +25,7 @@ from components.training.cases import choose_image_size
 from tasks.common.context import RunContext, dataset_name, make_context
 from tasks.common.fingerprint import fingerprint_run, record_success, unchanged_since
 from tasks.common.ownership import claim_flow_run, crash_abandoned_flow_runs
+from tasks.common.sharding import Shards, open_shards
 from tasks.data.near_duplicates import quarantine_near_duplicates
 from tasks.data.scan import count_dataset, scan_dataset
 from tasks.data.validation import validate_dataset
@@ -33,7 +34,7 @@ from tasks.decision.strategy import select_case
 from tasks.decision.verification import plan_verification, verify_case
 from tasks.deploy.export import export_model
 from tasks.deploy.tracking import log_and_register
-from tasks.engine.embed import embed_dataset, open_engine
+from tasks.engine.embed import embed_dataset, embed_in_shards, open_engine
 from tasks.similarity.profile import save_domain_profile
 from tasks.similarity.scores import score_similarity
 from tasks.training.cases import clean_checkpoints, evaluate_model, train_model
@@ -120,17 +121,20 @@ def decide(
     clock: StageClock,
     fingerprinted: bool = False,
     force: bool = False,
+    shards: Shards | None = None,
 ) -> Decision:
     """Validate, count, score similarity, choose the resolution, embed, set held-out
     near-duplicates aside and choose the case.
 
     With ``fingerprinted``, the run's fingerprint is taken once the data is validated, and unless
     ``force`` a match with the last successful run raises ``Unchanged`` before anything costly.
+    With ``shards`` (``run.task_runner`` on Dask) the scan reads and the embedding computes on
+    the cluster.
     """
     with clock.stage("load_backbone"):
         engine = open_engine(cfg, ctx.cache_dir)
     with clock.stage("scan"):
-        manifest, scanned = scan_dataset(ctx, cfg.data, cfg.validation, cfg.seed)
+        manifest, scanned = scan_dataset(ctx, cfg.data, cfg.validation, cfg.seed, shards)
     with clock.stage("validate"):
         validation = validate_dataset(manifest, cfg.validation, ctx.run_dir, scanned)
     fingerprint = digest = ""
@@ -154,6 +158,8 @@ def decide(
         )
     prep = replace(rule_prep, image_size=resolution.chosen)
     with clock.stage("embed"):
+        if shards is not None:
+            embed_in_shards(shards, usable, prep, engine, cfg)
         embed_dataset(usable, prep, engine, cfg)
     # Near-duplicates after the embedding: it reads the rows just cached at the chosen size, so it
     # runs no forward pass; the stages before it read training images only, which it never drops.
@@ -226,8 +232,8 @@ def plan_flow(data: str, config: PipelineConfig | None = None) -> dict[str, Any]
     cfg = config or PipelineConfig()
     clock = StageClock()
     start = time.perf_counter()
-    with owned_run(data, cfg) as ctx:
-        d = decide(ctx, cfg, clock)
+    with owned_run(data, cfg) as ctx, open_shards(cfg.run) as shards:
+        d = decide(ctx, cfg, clock, shards=shards)
     preview = plan_verification(d.plan, d.counts, d.prep, d.engine, cfg)
     d = replace(d, plan=replace(d.plan, verification=preview.to_dict()))
     summary = _decision_summary(d)
@@ -273,7 +279,8 @@ def _train_and_ship(ctx: RunContext, cfg: PipelineConfig, force: bool) -> dict[s
     clock = StageClock()
     start = time.perf_counter()
     try:
-        d = decide(ctx, cfg, clock, fingerprinted=True, force=force)
+        with open_shards(cfg.run) as shards:
+            d = decide(ctx, cfg, clock, fingerprinted=True, force=force, shards=shards)
     except Unchanged as unchanged:
         print(unchanged)
         return _skipped_summary(unchanged, clock, start)

@@ -6,6 +6,7 @@ silently ignored. Defaults live on the fields; ``docs/decisions.md`` explains th
 
 from __future__ import annotations
 
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -253,6 +254,28 @@ class ServeConfig(_Section):
     limits: ServeLimits = ServeLimits()
 
 
+class RunConfig(_Section):
+    """Where the scan's file inspection and the embedding run: in this process, or in shards on
+    a Dask cluster (each shard one Prefect task run). Workers read the data folder and write the
+    feature cache under ``output_dir`` themselves, so a remote cluster must see both at the same
+    paths (a shared file system)."""
+
+    # local: this process, as always. dask: a Dask LocalCluster started for the run (dask_workers
+    # single-threaded worker processes). dask:tcp://HOST:PORT: the scheduler of a running cluster.
+    task_runner: str = "local"
+    # LocalCluster workers for task_runner=dask; None: one per CPU this process may use.
+    dask_workers: int | None = Field(None, ge=1)
+    # Files per scan shard and images per embedding shard (rounded up to whole batches).
+    shard_images: int = Field(1024, ge=1)
+
+    @field_validator("task_runner")
+    @classmethod
+    def _known_runner(cls, value: str) -> str:
+        if value in ("local", "dask") or re.fullmatch(r"dask:(tcp|tls)://[^\s/:]+:\d{1,5}", value):
+            return value
+        raise ValueError("expected local, dask or dask:tcp://HOST:PORT (a Dask scheduler)")
+
+
 class PipelineConfig(_Section):
     """The root object: one section per stage, plus what they share."""
 
@@ -269,6 +292,7 @@ class PipelineConfig(_Section):
     export: ExportConfig = ExportConfig()
     tracking: TrackingConfig = TrackingConfig()
     serve: ServeConfig = ServeConfig()
+    run: RunConfig = RunConfig()
 
 
 def _describe(err: ValidationError) -> str:

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,10 @@ MANIFEST_COLUMNS = (
     "error",
 )
 _SHOWN = 5
+
+# Reads (hashes and decodes) files into detail rows, in the files' order: ``inspect_files`` in
+# this process, or one that spreads them over worker processes and merges the rows in order.
+Inspector = Callable[[Sequence[Path], int], list[dict[str, object]]]
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,14 @@ def inspect_file(path: Path, max_pixels: int) -> dict[str, object]:
         # struct.error, IndexError, EOFError...): each says something about the file, not a bug.
         return {**row, "decodable": False, "error": f"cannot decode: {err or type(err).__name__}"}
     return {**row, "decodable": True}
+
+
+def inspect_files(paths: Sequence[Path], max_pixels: int) -> list[dict[str, object]]:
+    """``inspect_file`` of every path, in a thread pool (reading and decoding release the GIL);
+    rows in ``paths`` order."""
+    workers = min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda p: inspect_file(p, max_pixels), paths))
 
 
 def _shown(paths: list[str]) -> str:
@@ -227,7 +240,7 @@ def _summarise(walk: FolderWalk, layout: Layout, notes: list[str], n_other: int)
 
 
 def _inspect_all(
-    paths: list[Path], validation: ValidationConfig, cache_path: Path | None
+    paths: list[Path], validation: ValidationConfig, cache_path: Path | None, inspect: Inspector
 ) -> tuple[list[dict[str, object]], int]:
     """One row per path: from the cache where the file's stat identity is unchanged, else read
     and decoded now; the cache is then rewritten to hold exactly these files."""
@@ -240,12 +253,8 @@ def _inspect_all(
         None if key is None else known.get(key) for key in keys
     ]
     todo = [i for i, d in enumerate(details) if d is None]
-    workers = min(8, (os.cpu_count() or 1) * 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, detail in zip(
-            todo, pool.map(lambda i: inspect_file(paths[i], max_pixels), todo), strict=True
-        ):
-            details[i] = detail
+    for i, detail in zip(todo, inspect([paths[i] for i in todo], max_pixels), strict=True):
+        details[i] = detail
     done = [d for d in details if d is not None]
     # Nothing new, changed or gone: the cache on disk already says exactly this.
     if cache_path is not None and (todo or len(known) != len(paths) or None in keys):
@@ -260,9 +269,11 @@ def scan_folder(
     validation: ValidationConfig,
     seed: int,
     cache_path: Path | None = None,
+    inspect: Inspector = inspect_files,
 ) -> ScanResult:
     """Walk ``root``, decide its layout, and read each new or changed image file into the
-    manifest; with ``cache_path``, unchanged files take their row from the last scan there."""
+    manifest; with ``cache_path``, unchanged files take their row from the last scan there.
+    ``inspect`` reads the files (the walk, the cache and the manifest stay in this process)."""
     root = Path(root)
     walk, layout = open_layout(root, cfg.follow_external_links)
     found, notes, n_other = _collect(walk, layout, cfg)
@@ -271,7 +282,8 @@ def scan_folder(
             f"no images found under {root}: expected ROOT/<class>/<image> or "
             f"ROOT/train/<class>/<image> with extensions {', '.join(cfg.extensions)}"
         )
-    details, from_cache = _inspect_all([f[0].path for f in found], validation, cache_path)
+    paths = [f[0].path for f in found]
+    details, from_cache = _inspect_all(paths, validation, cache_path, inspect)
     rows = [
         {
             "path": str(entry.path),

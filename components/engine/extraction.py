@@ -184,6 +184,7 @@ class ExtractionEngine:
         num_workers: int = NUM_WORKERS,
         moments_batch_size: int | None = None,
         batch_size: int | None = None,
+        cpus: int | None = None,
     ) -> None:
         self.backbone = backbone
         self.cache_root = Path(cache_root)
@@ -192,6 +193,9 @@ class ExtractionEngine:
         self.num_workers = num_workers
         self.moments_batch_size = moments_batch_size
         self.batch_size = batch_size  # None: sized to the image and device (extraction_batch)
+        # CPUs the ONNX Runtime streams share; None: every CPU this process may use. A Dask
+        # worker passes its own thread count, so workers on one machine do not oversubscribe it.
+        self.cpus = cpus
         self.layout: RowLayout = row_layout(backbone.model)
         self._caches: dict[str, RowCache] = {}
         self._sessions: dict[tuple[Path, int], onnxruntime.InferenceSession] = {}
@@ -204,6 +208,7 @@ class ExtractionEngine:
         cache_root: Path,
         train: TrainConfig,
         moments_batch_size: int | None = None,
+        cpus: int | None = None,
     ) -> ExtractionEngine:
         """The engine on the device, engine and loader workers that ``train`` sets."""
         return cls(
@@ -213,6 +218,7 @@ class ExtractionEngine:
             train.feature_engine,
             train.num_workers,
             moments_batch_size,
+            cpus=cpus,
         )
 
     @property
@@ -249,6 +255,31 @@ class ExtractionEngine:
         prep = prep or self.native
         self._fill(paths, shas, prep, set(shas), on_progress)
         return self.layout.moments(self._cache(self._moments_key(prep)).get(shas))
+
+    def missing_features(self, shas: Sequence[str], prep: Preprocessing) -> list[str]:
+        """``shas`` (each once, in order) whose features at ``prep`` are not cached yet."""
+        return self._cache(cache_key(self.backbone, prep)).missing(shas)
+
+    def feature_batch(self, prep: Preprocessing) -> int:
+        """Images per batch of the feature pass at ``prep``: shards cut at whole batches run the
+        same batches as one process would."""
+        return self._batch(FEATURES, prep)
+
+    def prepare(self, prep: Preprocessing) -> None:
+        """Export (or find) the feature graph at ``prep`` now, so shards in other processes load
+        one file instead of each exporting it. A graph that cannot be trusted is left to them:
+        they fall back to PyTorch the same way."""
+        if self.engine != "onnxruntime":
+            return
+        try:
+            self._graph_file(FEATURES, prep)
+        except (PipelineError, torch.onnx.OnnxExporterError) as err:
+            log.warning("%s unusable: %s", FEATURES.file_name, err)
+
+    def refresh(self, prep: Preprocessing) -> int:
+        """Read the feature rows at ``prep`` that other processes cached since this engine last
+        looked (the shards of a Dask run); returns how many."""
+        return self._cache(cache_key(self.backbone, prep)).refresh()
 
     @torch.inference_mode()
     def predict(
@@ -351,15 +382,9 @@ class ExtractionEngine:
         batch: int,
         on_progress: ProgressCallback | None = None,
     ) -> np.ndarray | None:
-        streams, threads = stream_plan(len(paths), batch, available_cpus())
-        folder = self.cache_root / cache_key(self.backbone, prep)
+        streams, threads = stream_plan(len(paths), batch, self.cpus or available_cpus())
         try:
-            path = cached_graph(
-                graph.wrap(cpu_eval_copy(self.backbone.model)).eval(),
-                prep.image_size,
-                folder / graph.file_name,
-                graph.output_name,
-            )
+            path = self._graph_file(graph, prep)
             if (path, threads) not in self._sessions:
                 self._sessions[path, threads] = feature_session(path, self.device, threads)
         except (PipelineError, torch.onnx.OnnxExporterError) as err:
@@ -368,6 +393,14 @@ class ExtractionEngine:
         session = self._sessions[path, threads]
         return run_streams(
             session, paths, prep, batch, streams, graph.dtype, on_progress=on_progress
+        )
+
+    def _graph_file(self, graph: _Graph, prep: Preprocessing) -> Path:
+        return cached_graph(
+            graph.wrap(cpu_eval_copy(self.backbone.model)).eval(),
+            prep.image_size,
+            self.cache_root / cache_key(self.backbone, prep) / graph.file_name,
+            graph.output_name,
         )
 
     @torch.inference_mode()

@@ -24,7 +24,9 @@ from tasks.common.context import RunContext
 def fingerprint_run(cfg: PipelineConfig, usable_manifest: Path) -> tuple[str, str]:
     """(fingerprint, data digest) of a run on the validated manifest with this configuration."""
     digest = data_digest(read_manifest(usable_manifest))
-    return run_fingerprint(digest, cfg.model_dump(mode="json"), cfg.backbone_weights), digest
+    # Where the work runs (``run``) changes no result, so it is not part of what the run was given.
+    config = cfg.model_dump(mode="json", exclude={"run"})
+    return run_fingerprint(digest, config, cfg.backbone_weights), digest
 
 
 def unchanged_since(ctx: RunContext, cfg: PipelineConfig, fingerprint: str) -> RunRecord | None:

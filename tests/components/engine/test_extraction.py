@@ -214,3 +214,25 @@ def test_progress_spans_both_passes_and_ends_at_one(lite0, images, tmp_path: Pat
     heard.clear()
     engine.features(paths, shas, PREP, on_progress=lambda f, *_: heard.append(f))
     assert heard == [1.0]  # all cached: done at once
+
+
+def test_rows_another_engine_cached_are_read_after_a_refresh(lite0, images, tmp_path: Path) -> None:
+    """The flow's engine and a worker's share a cache folder: what the worker adds is computed
+    once, read back on ``refresh`` and never computed again by the flow's engine."""
+    paths, shas = images
+    flow_engine = _engine(lite0, tmp_path, "onnxruntime")
+    assert flow_engine.missing_features(shas, PREP) == shas
+    flow_engine.prepare(PREP)
+    assert (tmp_path / cache_key(lite0, PREP) / FEATURES.file_name).is_file()
+    worker = ExtractionEngine(lite0, tmp_path, CPU, "onnxruntime", num_workers=0, cpus=1)
+    worker.features(paths[:6], shas[:6], PREP)
+    assert flow_engine.missing_features(shas, PREP) == shas  # not seen until refreshed
+    assert flow_engine.refresh(PREP) == 6
+    assert flow_engine.refresh(PREP) == 0  # each chunk is read once
+    assert flow_engine.missing_features(shas, PREP) == shas[6:]
+    before = set(_chunks(tmp_path, lite0))
+    feats = flow_engine.features(paths, shas, PREP)
+    assert len(set(_chunks(tmp_path, lite0)) - before) == 1  # only the last four computed
+    alone = _engine(lite0, tmp_path / "alone", "onnxruntime").features(paths, shas, PREP)
+    for cut in feats:
+        np.testing.assert_array_equal(feats[cut], alone[cut])
