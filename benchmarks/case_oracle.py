@@ -44,8 +44,7 @@ from components.training import evaluation
 from components.training.cases import TrainingJob, train_case
 from components.training.models import load_model
 from flows.cli import start_prefect_api_early
-from flows.transfer import Decision, StageClock, decide, owned_run
-from tasks.decision.verification import verify_case
+from flows.transfer import Decision, StageClock, decide, owned_run, verified
 
 
 def subset(source: Path, per_class: int, dest: Path) -> Path:
@@ -59,16 +58,7 @@ def pipeline_decision(data: str, config: Any) -> tuple[Decision, strategy.Transf
     """The pipeline's own decision: the rule's case, then budgeted verification."""
     with owned_run(data, config) as ctx:
         d = decide(ctx, config, StageClock())
-        final = verify_case(
-            d.validation.usable_manifest_path,
-            d.counts,
-            d.similarity,
-            d.plan,
-            d.prep,
-            d.engine,
-            config,
-            d.ctx.run_dir,
-        )
+        final = verified(d, config)
     return d, final
 
 

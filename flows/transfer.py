@@ -186,6 +186,20 @@ def decide(
     )
 
 
+def verified(d: Decision, cfg: PipelineConfig) -> TransferPlan:
+    """The decision's plan after budgeted verification of the runner-up on its own data."""
+    return verify_case(
+        d.validation.usable_manifest_path,
+        d.counts,
+        d.similarity,
+        d.plan,
+        d.prep,
+        d.engine,
+        cfg,
+        d.ctx.run_dir,
+    )
+
+
 def _decision_summary(d: Decision) -> dict[str, Any]:
     return {
         "dataset": d.ctx.name,
@@ -285,17 +299,7 @@ def _train_and_ship(ctx: RunContext, cfg: PipelineConfig, force: bool) -> dict[s
         print(unchanged)
         return _skipped_summary(unchanged, clock, start)
     with clock.stage("verify"):
-        plan = verify_case(
-            d.validation.usable_manifest_path,
-            d.counts,
-            d.similarity,
-            d.plan,
-            d.prep,
-            d.engine,
-            cfg,
-            d.ctx.run_dir,
-        )
-    d = replace(d, plan=plan)
+        d = replace(d, plan=verified(d, cfg))
     manifest, classes, run_dir = (
         d.validation.usable_manifest_path,
         list(d.counts.classes),
