@@ -54,6 +54,9 @@ def main() -> int:
     parser.add_argument("--per-class", type=int, default=200)
     parser.add_argument("--added", type=float, default=0.05, help="share of new images")
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=sorted(MODES))
+    parser.add_argument(
+        "--finetune-size", type=int, help="input size of the fine-tuned mode (default: measured)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if (booting := start_prefect_api_early()) is not None:
@@ -66,6 +69,8 @@ def main() -> int:
             data = Path(tmp) / "mnist"
             n = link_range(files, data, 0, args.per_class)
             overrides = {"output_dir": str(Path(tmp) / "out"), "data.name": "mnist", **MODES[mode]}
+            if mode == "fine-tuned" and args.finetune_size:
+                overrides["train.image_size"] = args.finetune_size
             cfg = load_config(None, {**overrides, "data.follow_external_links": True})
             first = timed_run(data, cfg)
             added = link_range(files, data, args.per_class, args.per_class + extra)
@@ -81,7 +86,8 @@ def main() -> int:
             for name, run in (("first", first), ("second", second)):
                 stages = ", ".join(f"{k} {v:.1f}" for k, v in run["stage_seconds"].items())
                 print(f"  {name}: case {run['case']} at {run['image_size']} px; {stages}")
-    write_result({"machine": machine(), "per_class": args.per_class, **results}, args.json)
+    settings = {"per_class": args.per_class, "finetune_size": args.finetune_size}
+    write_result({"machine": machine(), **settings, **results}, args.json)
     return 0
 
 
