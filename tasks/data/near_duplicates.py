@@ -46,7 +46,9 @@ def quarantine_near_duplicates(
     engine: ExtractionEngine,
     cfg: ValidationConfig,
 ) -> validation.ValidationReport:
-    """The validation report with held-out near-copies of other splits' images quarantined.
+    """The validation report with near-copies across splits dealt with: quarantined from the
+    held-out side where the user gave the splits, moved whole into one split where the pipeline
+    drew them (``near_duplicates.regroup``).
 
     Runs after the embedding at ``prep``, so every row it reads is already cached: the search costs
     one matrix product and the hashes of its candidates, no forward pass.
