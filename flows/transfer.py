@@ -123,8 +123,8 @@ def decide(
     force: bool = False,
     shards: Shards | None = None,
 ) -> Decision:
-    """Validate, count, score similarity, choose the resolution, embed, keep near-duplicates from
-    straddling the splits (quarantined or regrouped) and choose the case.
+    """Validate, count, score similarity, choose the resolution, embed, set held-out
+    near-duplicates aside and choose the case.
 
     With ``fingerprinted``, the run's fingerprint is taken once the data is validated, and unless
     ``force`` a match with the last successful run raises ``Unchanged`` before anything costly.

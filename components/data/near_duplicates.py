@@ -11,7 +11,6 @@ from two photos of the same kind of thing, which the features alone rate as clos
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,38 +143,6 @@ def _quarantine(pairs: list[NearDuplicatePair]) -> dict[str, str]:
             f"near-duplicate of {p.first_split} file {p.first} ({p.describe()}{conflict}) (leakage)"
         )
     return reasons
-
-
-def regroup(pairs: tuple[NearDuplicatePair, ...], splits: Mapping[str, str]) -> dict[str, str]:
-    """Split moves (path -> split) that put every near-duplicate group whole into one split.
-
-    For splits the pipeline drew itself: there, quarantining the held-out side of each pair
-    throws away whole held-out sets when the data comes in groups (the magnetic-tile set holds
-    up to six exposures of each tile: 152 of 178 held-out images went). A group (connected by
-    pairs) goes instead to the split its first member by path was drawn into, so each group lands
-    in train, val or test as a single file would, and no image is lost.
-    """
-    parent: dict[str, str] = {}
-
-    def root(path: str) -> str:
-        parent.setdefault(path, path)
-        while parent[path] != path:
-            parent[path] = parent[parent[path]]
-            path = parent[path]
-        return path
-
-    for p in pairs:
-        a, b = root(p.first), root(p.second)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    groups: dict[str, list[str]] = {}
-    for path in list(parent):
-        groups.setdefault(root(path), []).append(path)
-    moves = {}
-    for members in groups.values():
-        target = splits[min(members)]
-        moves.update({m: target for m in members if splits[m] != target})
-    return moves
 
 
 def _allowed_distance(cosine: float, cfg: ValidationConfig) -> int:

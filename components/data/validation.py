@@ -359,36 +359,12 @@ def quarantine_more(
     """
     manifest = read_manifest(report.usable_manifest_path)
     keep = ~manifest["path"].isin(list(reasons))
+    manifest[keep.to_numpy()].to_csv(usable_path, index=False)
     added = tuple(QuarantinedFile(p, reasons[p]) for p in sorted(reasons))
-    return _amend(report, manifest[keep.to_numpy()], added, section, usable_path)
-
-
-def move_splits(
-    report: ValidationReport,
-    moves: dict[str, str],
-    section: dict[str, Any],
-    usable_path: Path,
-) -> ValidationReport:
-    """The report after a later check moved files (path -> split) between the splits the pipeline
-    drew; written like ``quarantine_more``, nothing left out."""
-    manifest = read_manifest(report.usable_manifest_path)
-    moved = manifest["path"].isin(list(moves)).to_numpy()
-    manifest.loc[moved, "split"] = manifest.loc[moved, "path"].map(moves)
-    return _amend(report, manifest, (), section, usable_path)
-
-
-def _amend(
-    report: ValidationReport,
-    manifest: pd.DataFrame,
-    quarantined: tuple[QuarantinedFile, ...],
-    section: dict[str, Any],
-    usable_path: Path,
-) -> ValidationReport:
-    manifest.to_csv(usable_path, index=False)
     amended = replace(
         report,
-        n_usable=len(manifest),
-        quarantined=report.quarantined + quarantined,
+        n_usable=int(keep.sum()),
+        quarantined=report.quarantined + added,
         usable_manifest_path=usable_path,
         near_duplicates=section,
     )

@@ -1,10 +1,8 @@
-"""Near-duplicate task: copies across splits the user gave are quarantined from the held-out side,
-and across splits the pipeline drew each group is moved whole into one split; copies across labels
-are reported. Read from the features the embedding stage has just cached."""
+"""Near-duplicate task: copies across splits quarantined from the held-out side, copies across
+labels reported, read from the features the embedding stage has just cached."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -46,9 +44,7 @@ def quarantine_near_duplicates(
     engine: ExtractionEngine,
     cfg: ValidationConfig,
 ) -> validation.ValidationReport:
-    """The validation report with near-copies across splits dealt with: quarantined from the
-    held-out side where the user gave the splits, moved whole into one split where the pipeline
-    drew them (``near_duplicates.regroup``).
+    """The validation report with held-out near-copies of other splits' images quarantined.
 
     Runs after the embedding at ``prep``, so every row it reads is already cached: the search costs
     one matrix product and the hashes of its candidates, no forward pass.
@@ -62,21 +58,9 @@ def quarantine_near_duplicates(
     found = near_duplicates.find_near_duplicates(manifest, features, cfg)
     out_dir = report.json_path.parent
     sheet = _sheet(found, out_dir / SHEET, cfg)
-    section = found.to_dict(sheet)
-    if report.scan is not None and report.scan.layout == "classes":
-        # Splits the pipeline drew: keep each group together rather than lose held-out images.
-        splits = dict(zip(manifest["path"], manifest["split"], strict=True))
-        moves = near_duplicates.regroup(found.pairs, splits)
-        section |= {
-            "n_quarantined": 0,
-            "n_moved": len(moves),
-            "moved": dict(list(moves.items())[:20]),
-        }
-        amended = validation.move_splits(report, moves, section, out_dir / USABLE)
-        found = replace(found, quarantined={})
-        logger.info("%d near-duplicates moved to their group's split", len(moves))
-    else:
-        amended = validation.quarantine_more(report, found.quarantined, section, out_dir / USABLE)
+    amended = validation.quarantine_more(
+        report, found.quarantined, found.to_dict(sheet), out_dir / USABLE
+    )
     for p in found.label_conflicts[:20]:
         logger.warning(
             "label conflict: %s (%s) and %s (%s) are near-duplicates (%s)",

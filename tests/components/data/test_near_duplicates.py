@@ -160,20 +160,3 @@ def test_images_too_small_to_judge_are_not_searched(searched) -> None:
         manifest, features, ValidationConfig(near_duplicate_min_side=10_000)
     )
     assert found.pairs == () and found.n_too_small == len(manifest) and found.n_images == 0
-
-
-def test_groups_the_pipeline_split_go_whole_to_their_first_members_split() -> None:
-    from components.data.near_duplicates import NearDuplicatePair, regroup
-
-    def pair(a: str, b: str) -> NearDuplicatePair:
-        return NearDuplicatePair(a, b, splits[a], splits[b], "x", "x", 0.99, 2)
-
-    splits = {"/a1": "val", "/a2": "train", "/a3": "test", "/b1": "train", "/b2": "train"}
-    splits |= {"/c1": "test", "/c2": "train"}
-    pairs = (pair("/a2", "/a3"), pair("/a3", "/a1"), pair("/b1", "/b2"), pair("/c2", "/c1"))
-    moves = regroup(pairs, splits)
-    # a chain a2-a3-a1 is one group, anchored at /a1 (val); b is already whole; c goes to test
-    assert moves == {"/a2": "val", "/a3": "val", "/c2": "test"}
-    after = splits | moves
-    assert all(after[p.first] == after[p.second] for p in pairs)
-    assert regroup((), splits) == {}
