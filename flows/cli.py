@@ -380,7 +380,8 @@ def force_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="run even when the data, configuration and backbone equal the last successful run's",
+        help="run even when the data, configuration and backbone equal the last successful run's, "
+        "and from scratch: no verification verdict or fine-tuned weights taken from it",
     )
 
 

@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 from components.common.config import PipelineConfig
 from components.common.ownership import release_run_folder
 from components.common.plan import TransferPlan
+from components.data.changes import PreviousRun
 from components.data.counting import DatasetCounts
 from components.data.validation import ValidationReport
 from components.engine.extraction import ExtractionEngine
@@ -23,7 +24,12 @@ from components.engine.images import Preprocessing
 from components.similarity.scores import SimilarityReport
 from components.training.cases import choose_image_size
 from tasks.common.context import RunContext, dataset_name, make_context
-from tasks.common.fingerprint import fingerprint_run, record_success, unchanged_since
+from tasks.common.fingerprint import (
+    fingerprint_run,
+    previous_run,
+    record_success,
+    unchanged_since,
+)
 from tasks.common.ownership import claim_flow_run, crash_abandoned_flow_runs
 from tasks.common.sharding import Shards, open_shards
 from tasks.data.near_duplicates import quarantine_near_duplicates
@@ -186,8 +192,9 @@ def decide(
     )
 
 
-def verified(d: Decision, cfg: PipelineConfig) -> TransferPlan:
-    """The decision's plan after budgeted verification of the runner-up on its own data."""
+def verified(d: Decision, cfg: PipelineConfig, previous: PreviousRun | None = None) -> TransferPlan:
+    """The decision's plan after budgeted verification of the runner-up on its own data, or
+    with ``previous``'s verdict when little changed since it."""
     return verify_case(
         d.validation.usable_manifest_path,
         d.counts,
@@ -197,6 +204,7 @@ def verified(d: Decision, cfg: PipelineConfig) -> TransferPlan:
         d.engine,
         cfg,
         d.ctx.run_dir,
+        previous,
     )
 
 
@@ -282,7 +290,8 @@ def transfer_flow(
     """Image folder in, registered ONNX model out; returns the run summary.
 
     A run given what the last successful run was given (same data digest, configuration and
-    backbone) stops after validation with ``skipped: true``, unless ``force``.
+    backbone) stops after validation with ``skipped: true``, unless ``force``; a run after a small
+    change reuses that run's verification verdict and fine-tuned weights, unless ``force``.
     """
     cfg = config or PipelineConfig()
     with owned_run(data, cfg) as ctx:
@@ -298,15 +307,17 @@ def _train_and_ship(ctx: RunContext, cfg: PipelineConfig, force: bool) -> dict[s
     except Unchanged as unchanged:
         print(unchanged)
         return _skipped_summary(unchanged, clock, start)
-    with clock.stage("verify"):
-        d = replace(d, plan=verified(d, cfg))
     manifest, classes, run_dir = (
         d.validation.usable_manifest_path,
         list(d.counts.classes),
         d.ctx.run_dir,
     )
+    # What the last successful run measured and trained, when little changed since (not --force).
+    previous = None if force else previous_run(d.ctx, cfg, manifest)
+    with clock.stage("verify"):
+        d = replace(d, plan=verified(d, cfg, previous))
     with clock.stage("train"):
-        trained = train_model(manifest, classes, d.plan, d.prep, d.engine, cfg, run_dir)
+        trained = train_model(manifest, classes, d.plan, d.prep, d.engine, cfg, run_dir, previous)
     with clock.stage("profile"):
         save_domain_profile(manifest, d.similarity, d.prep, d.engine, cfg, run_dir)
     with clock.stage("evaluate"):
@@ -334,15 +345,18 @@ def _train_and_ship(ctx: RunContext, cfg: PipelineConfig, force: bool) -> dict[s
         cfg,
         d.fingerprint,
         d.data_digest,
-        published.run_id,
-        registered.name,
-        registered.version,
-        registered.model_uri,
+        manifest,
+        d.plan,
+        trained,
+        (published.run_id, registered.name, registered.version, registered.model_uri),
     )
     return {
         **_decision_summary(d),
         "skipped": False,
         "fingerprint": d.fingerprint,
+        "data_change": None
+        if previous is None
+        else {"since_run": previous.record.mlflow_run_id, **previous.change.to_dict()},
         "metrics": {"val_accuracy": None, "test_accuracy": None}
         | {f"{k}_accuracy": m.accuracy for k, m in metrics.items()},
         "accuracy": {

@@ -148,6 +148,9 @@ class StrategyConfig(_Section):
     # The runner-up replaces the rule's case only if it wins on the nested split by more than this
     # many standard errors of the accuracy difference (noise on a small held-out set is no win).
     verify_margin_se: float = Field(1.0, ge=0)
+    # A retrain keeps the last successful run's verdict (same configuration, same rule case) while
+    # at most this share of files changed since; 0 verifies every run, as --force does.
+    verify_reuse_max_change: float = Field(0.1, ge=0, le=1)
     # Input resolution (train.image_size: auto): frozen cases probe the rule's size and the native
     # one on a stratified sample of at most this many training images and keep the better (the
     # cheaper within noise); fine-tuned cases take the largest size whose estimated fine-tune fits
@@ -180,6 +183,13 @@ class TrainConfig(_Section):
     success_accuracy: float = Field(0.8, ge=0, le=1)
     # Fine-tuning processes; auto = one per CUDA GPU when there are several, else 1.
     processes: int | Literal["auto"] = "auto"
+    # A retrain continues from the last successful run's fine-tuned weights (same case, classes,
+    # input size and configuration) for warm_start_epochs at warm_start_lr_factor x the learning
+    # rates, while at most this share of files changed since the last full fine-tune; 0 always
+    # starts from the pre-trained weights, as --force does (docs/decisions.md).
+    warm_start_max_change: float = Field(0.25, ge=0, le=1)
+    warm_start_epochs: int = Field(1, ge=1)
+    warm_start_lr_factor: float = Field(0.1, gt=0, le=1)
 
 
 class ExportConfig(_Section):

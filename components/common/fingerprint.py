@@ -59,6 +59,24 @@ class RunRecord:
     model_uri: str
     run_dir: str
     finished_at: str
+    # What the next run may reuse when only a little of the data changed (``TrainedRun``); records
+    # written before these fields existed load with the defaults and offer nothing to reuse.
+    config_digest: str = ""  # the fingerprint without the data: same configuration and backbone
+    usable_manifest: str = ""  # the files the model was trained and evaluated on
+    model_path: str = ""
+    case: int = 0
+    image_size: int = 0
+    classes: tuple[str, ...] = ()
+    verification: dict[str, Any] | None = None  # the plan's verification, as run or reused
+    # Share of files changed since the last training from the pre-trained weights (0 after one):
+    # warm starts stop once it grows past ``train.warm_start_max_change``.
+    changed_since_full: float = 0.0
+
+
+def config_digest(config: dict[str, Any], weights: Path | None) -> str:
+    """The fingerprint of a run on no data: equal for two runs given the same configuration and
+    backbone weights, whatever their data."""
+    return run_fingerprint("", config, weights)
 
 
 def record_path(output_dir: Path, dataset: str) -> Path:
@@ -69,7 +87,8 @@ def record_path(output_dir: Path, dataset: str) -> Path:
 def load_record(path: Path) -> RunRecord | None:
     """The recorded run, or None when there is none or the file cannot be trusted."""
     try:
-        return RunRecord(**json.loads(Path(path).read_text()))
+        fields = json.loads(Path(path).read_text())
+        return RunRecord(**{**fields, "classes": tuple(fields.get("classes", ()))})
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError) as err:

@@ -198,25 +198,38 @@ def _collect(
     return found, notes, n_other
 
 
-def _stable_rank(relpath: str, seed: int) -> str:
-    # Split by a hash of the file's path, not its position: new files joining a dataset leave
-    # the old files in the split they were in, so test sets stay comparable across retrains.
-    return hashlib.sha256(f"{seed}:{relpath}".encode()).hexdigest()
+def _unit_hash(relpath: str, seed: int) -> float:
+    """A number in [0, 1) fixed by the file's path and the seed alone."""
+    digest = hashlib.sha256(f"{seed}:{relpath}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def assign_splits(
     frame: pd.DataFrame, cfg: DataConfig, seed: int, with_test: bool = True
 ) -> pd.Series:
-    """A seeded split, stratified by class, with at least one validation image per class."""
+    """A seeded split, stratified by class, where each file's split depends on its own path only.
+
+    A file goes to validation when its path's hash falls below ``val_fraction``, to test when it
+    falls in the next ``test_fraction``, so files joining a dataset never move the old ones: a
+    test image of one run is never a training image of the next, the test set stays comparable
+    across retrains, and a model trained before can be fine-tuned further without leaking. Shares
+    are exact in expectation, not per class; a class of three or more files keeps at least one
+    validation and one training file (the smallest and largest hash move when chance left none).
+    """
     split = pd.Series("train", index=frame.index)
     test_fraction = cfg.test_fraction if with_test else 0.0
     for _, group in frame.groupby("label"):
-        order = group["relpath"].map(lambda r: _stable_rank(r, seed)).sort_values().index
-        n = len(order)
-        n_val = max(1, round(n * cfg.val_fraction)) if n >= 3 else 0
-        n_test = round(n * test_fraction) if n - n_val >= 3 else 0
-        split[order[:n_val]] = "val"
-        split[order[n_val : n_val + n_test]] = "test"
+        unit = group["relpath"].map(lambda r: _unit_hash(r, seed)).sort_values()
+        if len(unit) < 3:
+            continue
+        chosen = pd.Series("train", index=unit.index)
+        chosen[unit < cfg.val_fraction + test_fraction] = "test"
+        chosen[unit < cfg.val_fraction] = "val"
+        if not (chosen == "val").any():
+            chosen[unit.index[0]] = "val"
+        if not (chosen == "train").any():
+            chosen[unit.index[-1]] = "train"
+        split[chosen.index] = chosen
     return split
 
 

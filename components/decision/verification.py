@@ -10,6 +10,10 @@ fine-tuned side then races against its score: from a fraction of its epochs on i
 it is clearly behind or clearly ahead (successive-halving style), so a losing check costs little.
 The runner-up replaces the rule's case only if it wins by more than the noise of the held-out set.
 
+A retrain after a small change keeps the last run's verdict instead (``reused_verdict``): the same
+configuration, the same rule case, and at most ``verify_reuse_max_change`` of the files changed
+since the verdict was measured, counted over every retrain that reused it.
+
 In ``auto`` mode the check runs whenever its committed cost (frozen side plus the fine-tune up to
 its first comparison) fits the budget, which scales with the work: a share of the full fine-tune
 the check could unlock, with a floor and a cap in seconds. On a GPU that is nearly always.
@@ -29,6 +33,7 @@ from sklearn.model_selection import train_test_split
 from components.common.config import StrategyConfig
 from components.common.intervals import wilson_interval
 from components.common.plan import TransferPlan
+from components.data.changes import PreviousRun
 from components.data.splits import SplitData
 from components.decision.costs import case_seconds, finetune_seconds
 from components.training.cases import TrainingJob, train_case
@@ -124,6 +129,42 @@ def decide_verification(
         round(budget, 1),
         why,
         None if worst is None else round(worst, 1),
+    )
+
+
+def reused_verdict(
+    previous: PreviousRun | None, plan: TransferPlan, cfg: StrategyConfig
+) -> dict[str, object] | None:
+    """The last run's measured verdict, to stand for this run's, or None when it may not."""
+    verdict = None if previous is None else previous.record.verification
+    if (
+        previous is None
+        or not verdict
+        or cfg.verify != "auto"
+        or plan.overridden
+        or "chosen_case" not in verdict
+        or verdict.get("rule_case") != plan.case
+    ):
+        return None
+    since = float(verdict.get("changed_since", 0.0)) + previous.change.share
+    if previous.refusal(cfg.verify_reuse_max_change) or since > cfg.verify_reuse_max_change:
+        return None
+    return {
+        **verdict,
+        "reused_from": verdict.get("reused_from") or previous.record.mlflow_run_id,
+        "changed_since": round(since, 4),
+        "data_change": previous.change.to_dict(),
+    }
+
+
+def reuse_sentence(verdict: dict[str, object]) -> str:
+    """The plan's reason for a reused verdict."""
+    accuracy = verdict.get("inner_accuracy") or {}
+    scores = ", ".join(f"case {c} {float(a):.3f}" for c, a in accuracy.items())
+    return (
+        f"Kept the verdict measured in run {verdict['reused_from']} ({scores}: case "
+        f"{verdict['chosen_case']}): {100 * float(verdict['changed_since']):.1f}% of the files "
+        "changed since, within strategy.verify_reuse_max_change."
     )
 
 

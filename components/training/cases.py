@@ -29,9 +29,16 @@ from components.engine.images import Preprocessing
 from components.training.checkpoints import exclusive
 from components.training.distributed import resolve_processes
 from components.training.distributed_finetune import launch_distributed
-from components.training.finetune import FinetuneSettings, RaceRule, finetune
+from components.training.finetune import FinetuneResult, FinetuneSettings, RaceRule, finetune
 from components.training.heads import HeadFit, fit_linear_head
-from components.training.models import FrozenTransferModel, ModelSpec, build_model, save_model
+from components.training.models import (
+    FrozenTransferModel,
+    ModelSpec,
+    build_model,
+    load_model,
+    save_model,
+)
+from components.training.warm_start import WarmStart
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,9 @@ class TrainResult:
     seconds: float
     notes: dict[str, object] = field(default_factory=dict)
     checkpoint_key: str | None = None  # names the checkpoint folder (``training.checkpoints``)
+    # Share of files changed since the weights last started from the pre-trained ones: 0 unless
+    # this model continued from an earlier run's (``warm_start``).
+    changed_since_full: float = 0.0
 
 
 def choose_image_size(setting: int | str, median_short_side: int, native: int) -> tuple[int, str]:
@@ -89,6 +99,7 @@ class TrainingJob:
     checkpoint_dir: Path | None = None
     # Hears the fine-tune's progress (one share per initialisation tried); frozen heads are quick.
     on_progress: ProgressCallback | None = None
+    warm_start: WarmStart | None = None  # fine-tunes: continue from the last run's weights
 
 
 _Trained = tuple[torch.nn.Module, ModelSpec, float, tuple[dict[str, float], ...]]
@@ -144,10 +155,9 @@ def _frozen(job: TrainingJob) -> tuple[_Trained, list[dict[str, object]]]:
     return (model, spec, fit.val_accuracy, ()), [attempt]
 
 
-def _finetuned(job: TrainingJob, device: torch.device) -> tuple[_Trained, list[dict[str, object]]]:
-    cfg, plan = job.cfg, job.plan
-    probe = _fit_head(job, "head")
-    settings = FinetuneSettings(
+def _finetune_settings(job: TrainingJob) -> FinetuneSettings:
+    cfg = job.cfg
+    return FinetuneSettings(
         epochs=cfg.finetune_epochs,
         lr=cfg.finetune_lr,
         body_lr_factor=0.1,
@@ -155,16 +165,96 @@ def _finetuned(job: TrainingJob, device: torch.device) -> tuple[_Trained, list[d
         label_smoothing=cfg.label_smoothing,
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
-        flip=plan.similarity == "similar",
+        flip=job.plan.similarity == "similar",
         freeze_bn=True,
         race=job.race,
         class_weights=class_weights(job),
     )
-    attempts: list[dict[str, object]] = [
+
+
+def _run_finetune(
+    job: TrainingJob,
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    settings: FinetuneSettings,
+    checkpoint: Path,
+    device: torch.device,
+    on_progress: ProgressCallback | None,
+) -> FinetuneResult:
+    processes = resolve_processes(job.cfg.processes, device)
+    run = partial(finetune, on_progress=on_progress)
+    if processes > 1:  # progress stays in the torchrun processes' own output
+        run = partial(launch_distributed, backbone=job.backbone, spec=spec, processes=processes)
+    return run(
+        model,
+        (job.train.paths, job.train.labels.tolist()),
+        (job.val.paths, job.val.labels.tolist()),
+        job.prep,
+        settings,
+        checkpoint,
+        device,
+        job.seed,
+    )
+
+
+def _warm_started(
+    job: TrainingJob, warm: WarmStart, device: torch.device
+) -> tuple[_Trained | None, dict[str, object]]:
+    """The last run's model, trained on for a few epochs at a lower learning rate; None when it
+    ends below where it started on the validation split (the full fine-tune runs then)."""
+    model, spec, _ = load_model(warm.model_path, job.backbone)
+    base = _finetune_settings(job)
+    settings = replace(
+        base,
+        epochs=warm.epochs,
+        lr=base.lr * warm.lr_factor,
+        warmup_epochs=0,
+        measure_start=True,
+    )
+    checkpoint = (job.checkpoint_dir or job.run_dir / "checkpoints") / "warm.pt"
+    share = within(job.on_progress, 0.0, 1.0)
+    result = _run_finetune(job, model, spec, settings, checkpoint, device, share)
+    start = result.start_accuracy
+    kept = start is None or result.val_accuracy >= start - _noise(start, len(job.val.labels))
+    attempt = {
+        "init": "warm start",
+        **warm.to_dict(),
+        "start_val_accuracy": start,
+        "val_accuracy": result.val_accuracy,
+        "best_epoch": result.best_epoch,
+        "seconds": result.seconds,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "success": kept,
+    }
+    log.info(
+        "warm start from run %s: val accuracy %s -> %.4f, %s",
+        warm.from_run,
+        "?" if start is None else f"{start:.4f}",
+        result.val_accuracy,
+        "kept" if kept else "fine-tuning from the pre-trained weights instead",
+    )
+    return ((model, spec, result.val_accuracy, result.history) if kept else None), attempt
+
+
+def _noise(accuracy: float, n: int) -> float:
+    """One standard error of an accuracy measured on ``n`` images."""
+    return math.sqrt(accuracy * (1 - accuracy) / max(n, 1))
+
+
+def _finetuned(job: TrainingJob, device: torch.device) -> tuple[_Trained, list[dict[str, object]]]:
+    attempts: list[dict[str, object]] = []
+    if job.warm_start is not None:
+        warm, attempt = _warm_started(job, job.warm_start, device)
+        attempts.append(attempt)
+        if warm is not None:
+            return warm, attempts
+    cfg, plan = job.cfg, job.plan
+    probe = _fit_head(job, "head")
+    settings = _finetune_settings(job)
+    attempts.append(
         {"init": "frozen probe", "val_accuracy": probe.val_accuracy, "trained": "linear head only"}
-    ]
+    )
     best: _Trained | None = None
-    processes = resolve_processes(cfg.processes, device)
     inits = ["pretrained"] if plan.case == 3 else ["pretrained", "random"]
     for i, init in enumerate(inits):
         spec = ModelSpec(
@@ -176,18 +266,14 @@ def _finetuned(job: TrainingJob, device: torch.device) -> tuple[_Trained, list[d
         ):  # linear probe first, then fine-tune: the body starts from a sane head
             model.get_classifier().load_state_dict(probe.head.state_dict())
         share = within(job.on_progress, i / len(inits), (i + 1) / len(inits))
-        run = partial(finetune, on_progress=share)
-        if processes > 1:  # progress stays in the torchrun processes' own output
-            run = partial(launch_distributed, backbone=job.backbone, spec=spec, processes=processes)
-        result = run(
+        result = _run_finetune(
+            job,
             model,
-            (job.train.paths, job.train.labels.tolist()),
-            (job.val.paths, job.val.labels.tolist()),
-            job.prep,
+            spec,
             settings if init == "pretrained" else _random_init_settings(settings),
             (job.checkpoint_dir or job.run_dir / "checkpoints") / f"{init}.pt",
             device,
-            job.seed,
+            share,
         )
         attempts.append(
             {
@@ -248,4 +334,12 @@ def train_case(job: TrainingJob) -> TrainResult:
         attempts=tuple(attempts),
         device=str(device),
         seconds=time.perf_counter() - start,
+        changed_since_full=_changed_since_full(job, attempts),
     )
+
+
+def _changed_since_full(job: TrainingJob, attempts: list[dict[str, object]]) -> float:
+    warm = next((a for a in attempts if a["init"] == "warm start"), None)
+    if job.warm_start is None or warm is None or not warm["success"]:
+        return 0.0
+    return job.warm_start.changed_since_full

@@ -222,6 +222,8 @@ def launch_distributed(
         resumed_from_epoch=report["resumed_from_epoch"],
         seconds=report["seconds"],
         samples_seen=tuple(report["samples_seen"]),
+        raced=report.get("raced"),
+        start_accuracy=report.get("start_accuracy"),
     )
 
 

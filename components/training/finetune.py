@@ -76,6 +76,12 @@ class FinetuneSettings:
     freeze_bn: bool = False
     race: RaceRule | None = None  # verification only: stop once the comparison is settled
     class_weights: tuple[float, ...] | None = None  # imbalanced data: every class weighs alike
+    # Epochs of linear learning-rate warm-up before the cosine decay. A warm start continues from
+    # trained weights, so it needs none: it decays from its (lower) peak at once.
+    warmup_epochs: int = 1
+    # Score the starting weights on the validation split first (``FinetuneResult.start_accuracy``):
+    # a warm start must not end worse than it began.
+    measure_start: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,7 @@ class FinetuneResult:
     seconds: float
     samples_seen: tuple[int, ...] = ()  # training samples each process stepped on in this call
     raced: str | None = None  # "behind" / "ahead" when a race rule stopped it, with the epoch
+    start_accuracy: float | None = None  # the starting weights', with ``measure_start``
 
 
 def _loader(
@@ -153,8 +160,8 @@ def _param_groups(model: nn.Module, settings: FinetuneSettings) -> list[dict]:
     ]
 
 
-def _schedule(steps_per_epoch: int, epochs: int):
-    warmup, total = steps_per_epoch, steps_per_epoch * epochs
+def _schedule(steps_per_epoch: int, epochs: int, warmup_epochs: int):
+    warmup, total = steps_per_epoch * min(warmup_epochs, epochs - 1), steps_per_epoch * epochs
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -245,7 +252,9 @@ def finetune(
     val_shard = ImageFiles(*map(distributed.shard, val), EvalTransform(prep))
     val_loader = _loader(val_shard, settings, False, device, seed)
     opt = torch.optim.AdamW(_param_groups(model, settings), weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(len(train_loader), settings.epochs))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _schedule(len(train_loader), settings.epochs, settings.warmup_epochs)
+    )
     weight = (
         torch.tensor(settings.class_weights, dtype=torch.float32, device=device)
         if settings.class_weights
@@ -277,6 +286,10 @@ def finetune(
         log.info(
             "resuming fine-tuning from checkpoint %s after epoch %d", checkpoint, saved["epoch"]
         )
+    start_accuracy = None
+    if settings.measure_start and resumed is None:
+        start_accuracy = _validate(model, val_loader, device)[0]
+        log.info("starting weights: val accuracy %.4f", start_accuracy)
     trainer = distributed.wrap(model, device)
     samples = 0
     raced = None
@@ -346,4 +359,5 @@ def finetune(
         time.perf_counter() - start,
         tuple(distributed.all_gather(samples)),
         raced,
+        start_accuracy,
     )

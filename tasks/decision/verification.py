@@ -10,9 +10,10 @@ from prefect.cache_policies import NO_CACHE
 
 from components.common.config import PipelineConfig
 from components.common.plan import TransferPlan
+from components.data.changes import PreviousRun
 from components.data.counting import DatasetCounts
 from components.data.scan import read_manifest
-from components.data.splits import load_splits
+from components.data.splits import SplitData, load_splits
 from components.decision import strategy, verification
 from components.decision.costs import training_throughput
 from components.engine.extraction import ExtractionEngine
@@ -42,6 +43,28 @@ def plan_verification(
     )
 
 
+def _runner_up_plan(
+    train: SplitData, plan: TransferPlan, case: int, cfg: PipelineConfig
+) -> TransferPlan:
+    probe = plan.probe
+    if case == 2 and probe is None and cfg.strategy.cut_block is None:
+        probe = strategy.probe_cuts(train.features, train.labels, cfg.seed)
+    return strategy.plan_for_case(plan, case, probe, cfg.strategy.cut_block)
+
+
+def _runner_up(
+    usable_manifest: Path,
+    counts: DatasetCounts,
+    plan: TransferPlan,
+    case: int,
+    prep: Preprocessing,
+    engine: ExtractionEngine,
+    cfg: PipelineConfig,
+) -> TransferPlan:
+    splits = load_splits(read_manifest(usable_manifest), list(counts.classes), engine, prep)
+    return _runner_up_plan(splits["train"], plan, case, cfg)
+
+
 @task(name="verify-case", cache_policy=NO_CACHE)
 def verify_case(
     usable_manifest: Path,
@@ -52,9 +75,26 @@ def verify_case(
     engine: ExtractionEngine,
     cfg: PipelineConfig,
     run_dir: Path,
+    previous: PreviousRun | None = None,
 ) -> TransferPlan:
-    """The plan to train: the rule's, or the runner-up when it wins on a nested split."""
+    """The plan to train: the rule's, or the runner-up when it wins on a nested split (or won in
+    ``previous``, when little changed since)."""
     logger = get_run_logger()
+    reused = verification.reused_verdict(previous, plan, cfg.strategy)
+    if reused is not None:
+        logger.info(verification.reuse_sentence(reused))
+        chosen = plan
+        if reused["chosen_case"] != plan.case:
+            chosen = _runner_up(
+                usable_manifest, counts, plan, int(reused["chosen_case"]), prep, engine, cfg
+            )
+        final = replace(
+            chosen,
+            reason=f"{plan.reason} {verification.reuse_sentence(reused)}",
+            verification=reused,
+        )
+        publish_decision(counts, similarity, final, run_dir)
+        return final
     decision = plan_verification(plan, counts, prep, engine, cfg)
     if not decision.run:
         logger.info("verification skipped: %s", decision.reason)
@@ -67,13 +107,17 @@ def verify_case(
         return final
     classes = list(counts.classes)
     splits = load_splits(read_manifest(usable_manifest), classes, engine, prep)
-    train = splits["train"]
-    probe = plan.probe
-    if decision.runner_up == 2 and probe is None and cfg.strategy.cut_block is None:
-        probe = strategy.probe_cuts(train.features, train.labels, cfg.seed)
-    runner_up = strategy.plan_for_case(plan, decision.runner_up, probe, cfg.strategy.cut_block)
+    runner_up = _runner_up_plan(splits["train"], plan, decision.runner_up, cfg)
     job = TrainingJob(
-        plan, engine.backbone, train, splits["val"], classes, cfg.train, prep, run_dir, cfg.seed
+        plan,
+        engine.backbone,
+        splits["train"],
+        splits["val"],
+        classes,
+        cfg.train,
+        prep,
+        run_dir,
+        cfg.seed,
     )
     result = verification.verify_runner_up(job, runner_up, decision, cfg.strategy)
     logger.info(result.sentence())

@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from components.common.config import PipelineConfig
 from components.common.plan import TransferPlan
+from components.data.changes import PreviousRun
 from components.data.digest import data_digest
 from components.data.scan import read_manifest
 from components.data.splits import load_splits
@@ -18,6 +19,7 @@ from components.engine.extraction import ExtractionEngine
 from components.engine.images import Preprocessing
 from components.training import cases, checkpoints, evaluation
 from components.training.models import load_model
+from components.training.warm_start import FINE_TUNED, plan_warm_start
 from tasks.common.policy import transient_only
 from tasks.common.progress import stage_progress
 
@@ -37,12 +39,17 @@ def train_model(
     engine: ExtractionEngine,
     cfg: PipelineConfig,
     run_dir: Path,
+    previous: PreviousRun | None = None,
 ) -> cases.TrainResult:
     """Train the planned case; a retried attempt, or the next run on the same data with the same
-    configuration after this one was killed, resumes from the last epoch checkpoint."""
+    configuration after this one was killed, resumes from the last epoch checkpoint. A fine-tune
+    continues from ``previous``'s weights when little changed since (``warm_start``)."""
     manifest = read_manifest(usable_manifest)
     splits = load_splits(manifest, classes, engine, prep)
     key = fine_tune_key(manifest, classes, plan, prep, cfg)
+    warm, why = plan_warm_start(previous, plan.case, classes, prep.image_size, cfg.train)
+    if plan.case in FINE_TUNED:
+        get_run_logger().info("fine-tune %s", why)
     with stage_progress("train-progress", f"training case {plan.case}") as progress:
         job = cases.TrainingJob(
             plan,
@@ -56,6 +63,7 @@ def train_model(
             cfg.seed,
             checkpoint_dir=checkpoints.checkpoint_dir(cfg.output_dir, key),
             on_progress=progress,
+            warm_start=warm,
         )
         result = replace(cases.train_case(job), checkpoint_key=key)
     if result.history:  # a fine-tune's epochs; a frozen head is one convex fit

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from components.common.config import StrategyConfig
+from components.common.fingerprint import RunRecord
 from components.common.plan import ProbeScores
+from components.data.changes import DataChange, PreviousRun
 from components.data.counting import DatasetCounts
 from components.data.splits import SplitData
 from components.decision.costs import case_seconds, finetune_seconds
@@ -14,6 +16,8 @@ from components.decision.verification import (
     decide_verification,
     difference_se,
     nested_split,
+    reuse_sentence,
+    reused_verdict,
 )
 from components.similarity.scores import SimilarityReport
 
@@ -95,3 +99,38 @@ def test_the_switching_margin_shrinks_with_the_held_out_set() -> None:
     assert difference_se(0.97, 0.98, 1400) == pytest.approx(0.0058, abs=1e-4)
     assert difference_se(0.94, 0.94, 49) > 0.04
     assert difference_se(1.0, 1.0, 10) == 0.0
+
+
+def _previous(verdict: dict | None, share: float, same_config: bool = True) -> PreviousRun:
+    record = RunRecord("f", "d", "run-1", "m", 1, "models:/m/1", "/r", "now", verification=verdict)
+    changed = round(share * 1000)
+    return PreviousRun(record, DataChange(1000, 1000 + changed, changed, 0, 0), same_config)
+
+
+def test_a_measured_verdict_is_reused_while_little_changed_since_it() -> None:
+    plan = _plan()  # rule case 1
+    measured = {"run": True, "rule_case": 1, "runner_up": 3, "chosen_case": 3,
+                "inner_accuracy": {"1": 0.8, "3": 0.9}}  # fmt: skip
+    reused = reused_verdict(_previous(measured, 0.05), plan, StrategyConfig())
+    assert reused is not None and reused["chosen_case"] == 3
+    assert reused["reused_from"] == "run-1" and reused["changed_since"] == 0.05
+    assert "run-1" in reuse_sentence(reused) and "case 3 0.900" in reuse_sentence(reused)
+    # a reused verdict carries its measurement's run and the change summed since it
+    again = reused_verdict(_previous(reused, 0.04), plan, StrategyConfig())
+    assert again is not None and again["reused_from"] == "run-1"
+    assert again["changed_since"] == pytest.approx(0.09)
+    assert reused_verdict(_previous(again, 0.04), plan, StrategyConfig()) is None  # 13% > 10%
+
+    def refused(previous: PreviousRun | None, plan=plan, **strategy) -> bool:
+        return reused_verdict(previous, plan, StrategyConfig(**strategy)) is None
+
+    assert refused(None)
+    assert refused(_previous(measured, 0.2))
+    assert refused(_previous(measured, 0.05, same_config=False))
+    assert refused(_previous(measured, 0.05), verify="on")  # "on" measures every run
+    assert refused(_previous(measured, 0.05), verify_reuse_max_change=0)
+    assert refused(_previous({**measured, "rule_case": 3}, 0.05))  # the rule moved
+    assert refused(
+        _previous({"run": False, "rule_case": 1, "reason": "off"}, 0.0)
+    )  # never measured
+    assert refused(_previous(measured, 0.0), plan=_plan(case=3))  # case set by configuration

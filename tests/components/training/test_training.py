@@ -3,34 +3,13 @@ from pathlib import Path
 
 import pytest
 
-from components.common.config import DataConfig, TrainConfig, ValidationConfig
+from components.common.config import TrainConfig
 from components.data.counting import count_dataset
 from components.data.digest import data_digest
-from components.data.scan import scan_dataset
-from components.data.splits import load_splits
 from components.decision.strategy import StrategyConfig, select_case
-from components.engine.backbones import load_backbone
-from components.engine.extraction import ExtractionEngine
-from components.engine.images import Preprocessing
 from components.similarity.scores import SimilarityReport
 from components.training.cases import TrainingJob, choose_image_size, train_case
 from components.training.checkpoints import checkpoint_dir, checkpoint_key, clean_checkpoints
-
-
-@pytest.fixture(scope="module")
-def setup(digits_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    manifest = scan_dataset(digits_root, DataConfig(), ValidationConfig(), 0)
-    backbone = load_backbone("efficientnet_lite0")
-    prep = Preprocessing(64, (0.5,) * 3, (0.5,) * 3)
-    classes = [str(d) for d in range(10)]
-    cache = tmp_path_factory.mktemp("cache")
-    return (
-        manifest,
-        backbone,
-        prep,
-        classes,
-        load_splits(manifest, classes, ExtractionEngine(backbone, cache, num_workers=0), prep),
-    )
 
 
 def _plan(manifest, case: int):

@@ -1,0 +1,94 @@
+"""Continuing from the last run's fine-tuned weights when only a little of the data changed.
+
+A scheduled retrain after 5% new images would spend the whole fine-tune again to reach about the
+model it already has. Continuing from that model for an epoch at a tenth of the learning rate,
+on all the data (old and new, so nothing is forgotten), costs a fraction of it. It is safe here
+because splits follow each file's own path: no test or validation image of this run was a
+training image of the last. Three guards keep it honest: the case, classes, input size and
+configuration must be those of the last run; the share of files changed since the last training
+from the pre-trained weights must stay under ``train.warm_start_max_change`` (so warm starts do not
+chain forever); and the continued model must not score below where it started on this run's
+validation split, or the full fine-tune runs after all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.common.config import TrainConfig
+from components.data.changes import PreviousRun
+
+FINE_TUNED = (3, 4)
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """Where a fine-tune starts instead of the pre-trained weights, and how long it runs."""
+
+    model_path: Path
+    from_run: str  # MLflow run id of the run that trained those weights
+    epochs: int
+    lr_factor: float
+    changed_since_full: (
+        float  # share of files changed since the last full fine-tune, this run's too
+    )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "from_run": self.from_run,
+            "model_path": str(self.model_path),
+            "epochs": self.epochs,
+            "lr_factor": self.lr_factor,
+            "changed_since_full": round(self.changed_since_full, 4),
+        }
+
+
+def plan_warm_start(
+    previous: PreviousRun | None,
+    case: int,
+    classes: list[str],
+    image_size: int,
+    cfg: TrainConfig,
+) -> tuple[WarmStart | None, str]:
+    """The warm start this fine-tune may take, or None, with the reason either way."""
+    if case not in FINE_TUNED:
+        return None, "frozen heads are refitted in full (a convex fit of seconds)"
+    if cfg.warm_start_max_change == 0:
+        return None, "warm starts are off (train.warm_start_max_change = 0)"
+    if previous is None:
+        return None, "no earlier successful run to continue from (or --force)"
+    record = previous.record
+    cumulative = record.changed_since_full + previous.change.share
+    refusal = previous.refusal(cfg.warm_start_max_change) or next(
+        (
+            why
+            for wrong, why in (
+                (record.case != case, f"run {record.mlflow_run_id} trained case {record.case}"),
+                (list(record.classes) != classes, "the classes changed"),
+                (record.image_size != image_size, f"it ran at {record.image_size} px"),
+                (
+                    cumulative > cfg.warm_start_max_change,
+                    f"{cumulative:.0%} of the files changed since the last training from the "
+                    f"pre-trained weights, over {cfg.warm_start_max_change:.0%}",
+                ),
+                (not Path(record.model_path).is_file(), f"its model {record.model_path} is gone"),
+            )
+            if wrong
+        ),
+        None,
+    )
+    if refusal is not None:
+        return None, f"trained from the pre-trained weights: {refusal}"
+    warm = WarmStart(
+        Path(record.model_path),
+        record.mlflow_run_id,
+        cfg.warm_start_epochs,
+        cfg.warm_start_lr_factor,
+        cumulative,
+    )
+    return warm, (
+        f"continued from run {record.mlflow_run_id}'s weights for {warm.epochs} epoch(s) at "
+        f"{warm.lr_factor:g} x the learning rate: {previous.change.sentence()}, "
+        f"{cumulative:.0%} since the last full fine-tune"
+    )

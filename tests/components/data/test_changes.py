@@ -1,0 +1,42 @@
+"""Counting what changed between two runs' manifests."""
+
+import pandas as pd
+import pytest
+
+from components.common.fingerprint import RunRecord
+from components.data.changes import PreviousRun, manifest_change
+
+
+def _manifest(rows: list[tuple[str, str, str, str]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["relpath", "sha256", "label", "split"])
+
+
+def test_added_removed_and_changed_files_are_counted_by_path() -> None:
+    before = _manifest(
+        [(f"a/{i}.png", f"s{i}", "a", "train") for i in range(18)]
+        + [("b/x.png", "sx", "b", "val"), ("b/y.png", "sy", "b", "train")]
+    )
+    after = _manifest(
+        [(f"a/{i}.png", f"s{i}", "a", "train") for i in range(1, 18)]  # a/0.png removed
+        + [("b/x.png", "sx2", "b", "val")]  # new content
+        + [("b/y.png", "sy", "a", "train")]  # relabelled
+        + [("b/z.png", "sz", "b", "test"), ("b/w.png", "sw", "b", "train")]  # added
+    )
+    change = manifest_change(before, after)
+    assert (change.previous, change.current) == (20, 21)
+    assert (change.added, change.removed, change.changed) == (2, 1, 2)
+    assert change.share == pytest.approx(5 / 20)
+    assert change.sentence() == "2 added, 1 removed, 2 changed of 20 images (25.0%)"
+    assert manifest_change(before, before).share == 0
+
+
+def test_reuse_is_refused_for_another_configuration_or_too_much_change() -> None:
+    record = RunRecord("f", "d", "run-1", "m", 1, "models:/m/1", "/r", "now")
+    same = _manifest([("a.png", "s", "a", "train")] * 1)
+    change = manifest_change(same, same)
+    assert PreviousRun(record, change, True).refusal(0.1) is None
+    assert "another configuration" in PreviousRun(record, change, False).refusal(0.1)
+    grown = manifest_change(
+        same, _manifest([("a.png", "s", "a", "train"), ("b.png", "t", "a", "val")])
+    )
+    assert "over 10%" in PreviousRun(record, grown, True).refusal(0.1)

@@ -1,0 +1,101 @@
+"""A rerun after a little new data reuses what the last run measured and trained; --force does not.
+
+Real runs of the CLI's flow on scikit-learn's digits: the verdict of a measured verification
+stands for the next run while under 10% of the files changed, and a fine-tune continues from the
+last run's weights (one epoch) instead of starting over from the pre-trained ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from components.common.config import build_config
+from components.common.fingerprint import load_record, record_path
+from components.data.demo_data import materialise_digits
+from flows.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _config(tmp_path: Path, **sections: dict) -> Path:
+    cfg = build_config(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+            "similarity": {"sample_size": 32, "bootstrap_rounds": 50},
+            **sections,
+        }
+    )
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(json.dumps(cfg.model_dump(mode="json")))
+    return path
+
+
+def _run(data: Path, cfg_file: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> dict:
+    code = main(["run", "--data", str(data), "--config", str(cfg_file), "--json", *extra])
+    assert code == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_a_rerun_after_a_little_new_data_reuses_the_verdict_and_the_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # one test, two folders: Prefect's console handler keeps the first test's captured stream
+    _fine_tune_continues_from_the_last_runs_weights(tmp_path / "fine-tune", capsys)
+    _measured_verdict_stands_while_little_changed(tmp_path / "verdict", capsys)
+
+
+def _fine_tune_continues_from_the_last_runs_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = materialise_digits(tmp_path / "digits", per_class=20)
+    train = {"num_workers": 0, "finetune_epochs": 2, "image_size": 64}
+    cfg_file = _config(tmp_path, train=train, strategy={"case": 3})
+    first = _run(data, cfg_file, capsys)
+    assert first["data_change"] is None
+    assert "warm start" not in [a["init"] for a in first["attempts"]]
+    record = load_record(record_path(tmp_path / "out", "digits"))
+    assert record is not None and record.case == 3 and Path(record.model_path).is_file()
+
+    materialise_digits(data, per_class=21)  # ten new images: 5%
+    second = _run(data, cfg_file, capsys)
+    change = second["data_change"]
+    assert change["since_run"] == first["mlflow_run_id"]
+    assert (change["added"], change["removed"], change["changed"]) == (10, 0, 0)  # no file moved
+    warm = second["attempts"][0]
+    assert warm["init"] == "warm start" and warm["from_run"] == first["mlflow_run_id"]
+    assert warm["model_path"] == record.model_path and warm["success"] is True
+    assert [a["init"] for a in second["attempts"]] == ["warm start"]
+    assert second["model_version"] == 2
+    after = load_record(record_path(tmp_path / "out", "digits"))
+    assert after is not None and after.changed_since_full == pytest.approx(0.05)
+
+    forced = _run(data, cfg_file, capsys, "--force")  # from scratch: nothing reused
+    assert forced["data_change"] is None
+    assert [a["init"] for a in forced["attempts"]] == ["frozen probe", "pretrained"]
+    latest = load_record(record_path(tmp_path / "out", "digits"))
+    assert latest is not None and latest.changed_since_full == 0
+
+
+def _measured_verdict_stands_while_little_changed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = materialise_digits(tmp_path / "digits", per_class=20)
+    train = {"num_workers": 0, "finetune_epochs": 2, "image_size": 64}
+    cfg_file = _config(tmp_path, train=train, strategy={"verify": "auto"})
+    first = _run(data, cfg_file, capsys)
+    measured = first["verification"]
+    assert measured["run"] is True and "inner_accuracy" in measured, measured["reason"]
+    assert "reused_from" not in measured
+
+    materialise_digits(data, per_class=21)
+    second = _run(data, cfg_file, capsys)
+    reused = second["verification"]
+    assert reused["reused_from"] == first["mlflow_run_id"]
+    assert reused["inner_accuracy"] == measured["inner_accuracy"]
+    assert second["case"] == measured["chosen_case"]
+    assert f"Kept the verdict measured in run {first['mlflow_run_id']}" in second["reason"]
+    assert second["stage_seconds"]["verify"] < first["stage_seconds"]["verify"] / 2
