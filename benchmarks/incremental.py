@@ -46,6 +46,17 @@ def timed_run(data: Path, cfg: Any, force: bool = False) -> dict[str, Any]:
         "case": summary["case"],
         "image_size": summary["image_size"],
         "accuracy": summary["accuracy"],  # val and test, each with n and a 95% interval
+        "verification": {
+            k: (summary["verification"] or {}).get(k)
+            for k in (
+                "rule_case",
+                "chosen_case",
+                "inner_accuracy",
+                "margin",
+                "raced",
+                "reused_from",
+            )
+        },
         "verification_reused_from": (summary["verification"] or {}).get("reused_from"),
         "trained_as": [a["init"] for a in summary["attempts"]],
         "data_change": summary["data_change"],

@@ -37,7 +37,7 @@ from tasks.data.scan import count_dataset, scan_dataset
 from tasks.data.validation import validate_dataset
 from tasks.decision.resolution import choose_resolution
 from tasks.decision.strategy import select_case
-from tasks.decision.verification import plan_verification, verify_case
+from tasks.decision.verification import preview_verification, verify_case
 from tasks.deploy.export import export_model
 from tasks.deploy.tracking import log_and_register
 from tasks.engine.embed import embed_dataset, embed_in_shards, open_engine
@@ -256,14 +256,21 @@ def plan_flow(data: str, config: PipelineConfig | None = None) -> dict[str, Any]
     start = time.perf_counter()
     with owned_run(data, cfg) as ctx, open_shards(cfg.run) as shards:
         d = decide(ctx, cfg, clock, shards=shards)
-    preview = plan_verification(d.plan, d.counts, d.prep, d.engine, cfg)
-    d = replace(d, plan=replace(d.plan, verification=preview.to_dict()))
-    summary = _decision_summary(d)
+        previous = previous_run(ctx, cfg, d.validation.usable_manifest_path)
+    preview = preview_verification(d.plan, d.counts, d.prep, d.engine, cfg, previous)
+    d = replace(d, plan=replace(d.plan, verification=preview))
     return {
-        **summary,
+        **_decision_summary(d),
+        "data_change": _data_change(previous),
         "stage_seconds": clock.seconds,
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def _data_change(previous: PreviousRun | None) -> dict[str, Any] | None:
+    if previous is None:
+        return None
+    return {"since_run": previous.record.mlflow_run_id, **previous.change.to_dict()}
 
 
 def _skipped_summary(unchanged: Unchanged, clock: StageClock, start: float) -> dict[str, Any]:
@@ -354,9 +361,7 @@ def _train_and_ship(ctx: RunContext, cfg: PipelineConfig, force: bool) -> dict[s
         **_decision_summary(d),
         "skipped": False,
         "fingerprint": d.fingerprint,
-        "data_change": None
-        if previous is None
-        else {"since_run": previous.record.mlflow_run_id, **previous.change.to_dict()},
+        "data_change": _data_change(previous),
         "metrics": {"val_accuracy": None, "test_accuracy": None}
         | {f"{k}_accuracy": m.accuracy for k, m in metrics.items()},
         "accuracy": {
@@ -371,6 +376,7 @@ def _train_and_ship(ctx: RunContext, cfg: PipelineConfig, force: bool) -> dict[s
             for k, m in metrics.items()
         },
         "attempts": list(trained.attempts),
+        "warm_start": trained.notes.get("warm_start"),  # fine-tunes: from where, and why
         "device": trained.device,
         "onnx_path": str(exported.onnx_path),
         "onnx_max_abs_diff": exported.max_abs_diff,

@@ -132,6 +132,12 @@ def decision_markdown(
                 f"| {c}{' (kept)' if int(c) == v['chosen_case'] else ''} | {a:.3f} | {v['inner_seconds'][c]} |"
                 for c, a in v["inner_accuracy"].items()
             ]
+            if v.get("reused_from"):
+                lines.append(
+                    f"- measured in run {v['reused_from']} and reused: "
+                    f"{100 * float(v['changed_since']):.1f}% of the files changed since "
+                    "(strategy.verify_reuse_max_change)"
+                )
         else:
             lines.append(
                 f"- case {v['runner_up']} {'would be' if v['run'] else 'was not'} checked: {v['reason']} "

@@ -12,7 +12,8 @@ The runner-up replaces the rule's case only if it wins by more than the noise of
 
 A retrain after a small change keeps the last run's verdict instead (``reused_verdict``): the same
 configuration, the same rule case, and at most ``verify_reuse_max_change`` of the files changed
-since the verdict was measured, counted over every retrain that reused it.
+since the verdict was measured, counted over every retrain that reused it; a tie (the rule's case
+kept with the runner-up inside the margin) is measured again.
 
 In ``auto`` mode the check runs whenever its committed cost (frozen side plus the fine-tune up to
 its first comparison) fits the budget, which scales with the work: a share of the full fine-tune
@@ -149,12 +150,24 @@ def reused_verdict(
     since = float(verdict.get("changed_since", 0.0)) + previous.change.share
     if previous.refusal(cfg.verify_reuse_max_change) or since > cfg.verify_reuse_max_change:
         return None
+    if _was_a_tie(verdict):
+        return None
     return {
         **verdict,
         "reused_from": verdict.get("reused_from") or previous.record.mlflow_run_id,
         "changed_since": round(since, 4),
         "data_change": previous.change.to_dict(),
     }
+
+
+def _was_a_tie(verdict: dict[str, object]) -> bool:
+    """The rule's case was kept only because the runner-up's lead was inside the margin: a verdict
+    a few more images could overturn, so it is measured again rather than reused."""
+    accuracy = {int(k): float(v) for k, v in (verdict.get("inner_accuracy") or {}).items()}
+    rule, runner_up = int(verdict["rule_case"]), int(verdict["runner_up"])
+    if verdict["chosen_case"] != rule or rule not in accuracy or runner_up not in accuracy:
+        return False
+    return accuracy[runner_up] - accuracy[rule] > -float(verdict.get("margin", 0.0))
 
 
 def reuse_sentence(verdict: dict[str, object]) -> str:

@@ -54,10 +54,11 @@ def plan_warm_start(
     """The warm start this fine-tune may take, or None, with the reason either way."""
     if case not in FINE_TUNED:
         return None, "frozen heads are refitted in full (a convex fit of seconds)"
+    fresh = "from the pre-trained weights"
     if cfg.warm_start_max_change == 0:
-        return None, "warm starts are off (train.warm_start_max_change = 0)"
+        return None, f"{fresh}: warm starts are off (train.warm_start_max_change = 0)"
     if previous is None:
-        return None, "no earlier successful run to continue from (or --force)"
+        return None, f"{fresh}: no earlier successful run to continue from, or --force"
     record = previous.record
     cumulative = record.changed_since_full + previous.change.share
     refusal = previous.refusal(cfg.warm_start_max_change) or next(
@@ -79,7 +80,7 @@ def plan_warm_start(
         None,
     )
     if refusal is not None:
-        return None, f"trained from the pre-trained weights: {refusal}"
+        return None, f"{fresh}: {refusal}"
     warm = WarmStart(
         Path(record.model_path),
         record.mlflow_run_id,
@@ -88,7 +89,7 @@ def plan_warm_start(
         cumulative,
     )
     return warm, (
-        f"continued from run {record.mlflow_run_id}'s weights for {warm.epochs} epoch(s) at "
+        f"from run {record.mlflow_run_id}'s weights for {warm.epochs} epoch(s) at "
         f"{warm.lr_factor:g} x the learning rate: {previous.change.sentence()}, "
         f"{cumulative:.0%} since the last full fine-tune"
     )

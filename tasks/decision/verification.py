@@ -65,6 +65,22 @@ def _runner_up(
     return _runner_up_plan(splits["train"], plan, case, cfg)
 
 
+def preview_verification(
+    plan: TransferPlan,
+    counts: DatasetCounts,
+    prep: Preprocessing,
+    engine: ExtractionEngine,
+    cfg: PipelineConfig,
+    previous: PreviousRun | None,
+) -> dict[str, object]:
+    """What a run would do about verification (``plan``): reuse ``previous``'s verdict, or
+    check the runner-up or not, and why."""
+    reused = verification.reused_verdict(previous, plan, cfg.strategy)
+    if reused is not None:
+        return {**reused, "reason": verification.reuse_sentence(reused)}
+    return plan_verification(plan, counts, prep, engine, cfg).to_dict()
+
+
 @task(name="verify-case", cache_policy=NO_CACHE)
 def verify_case(
     usable_manifest: Path,

@@ -49,7 +49,7 @@ def train_model(
     key = fine_tune_key(manifest, classes, plan, prep, cfg)
     warm, why = plan_warm_start(previous, plan.case, classes, prep.image_size, cfg.train)
     if plan.case in FINE_TUNED:
-        get_run_logger().info("fine-tune %s", why)
+        get_run_logger().info("fine-tune %s", why)  # "from the pre-trained weights: ..."
     with stage_progress("train-progress", f"training case {plan.case}") as progress:
         job = cases.TrainingJob(
             plan,
@@ -65,7 +65,9 @@ def train_model(
             on_progress=progress,
             warm_start=warm,
         )
-        result = replace(cases.train_case(job), checkpoint_key=key)
+        result = cases.train_case(job)
+        notes = {**result.notes, "warm_start": why} if plan.case in FINE_TUNED else result.notes
+        result = replace(result, checkpoint_key=key, notes=notes)
     if result.history:  # a fine-tune's epochs; a frozen head is one convex fit
         evaluation.plot_learning_curve(
             result.history, run_dir / "learning_curve.png", f"case {plan.case}"

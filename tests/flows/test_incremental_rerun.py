@@ -7,6 +7,8 @@ last run's weights (one epoch) instead of starting over from the pre-trained one
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -34,34 +36,32 @@ def _config(tmp_path: Path, **sections: dict) -> Path:
     return path
 
 
-def _run(data: Path, cfg_file: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> dict:
-    code = main(["run", "--data", str(data), "--config", str(cfg_file), "--json", *extra])
-    assert code == 0
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def _cli(*args: str) -> dict:
+    """The CLI's ``--json`` summary. stdout alone is redirected, not captured with ``capsys``:
+    Prefect's console handler keeps the stderr it first saw, which ``capsys`` would close."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([*args, "--json"]) == 0
+    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
-def test_a_rerun_after_a_little_new_data_reuses_the_verdict_and_the_weights(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # one test, two folders: Prefect's console handler keeps the first test's captured stream
-    _fine_tune_continues_from_the_last_runs_weights(tmp_path / "fine-tune", capsys)
-    _measured_verdict_stands_while_little_changed(tmp_path / "verdict", capsys)
+def _run(data: Path, cfg_file: Path, *extra: str) -> dict:
+    return _cli("run", "--data", str(data), "--config", str(cfg_file), *extra)
 
 
-def _fine_tune_continues_from_the_last_runs_weights(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_fine_tune_continues_from_the_last_runs_weights(tmp_path: Path) -> None:
+
     data = materialise_digits(tmp_path / "digits", per_class=20)
     train = {"num_workers": 0, "finetune_epochs": 2, "image_size": 64}
     cfg_file = _config(tmp_path, train=train, strategy={"case": 3})
-    first = _run(data, cfg_file, capsys)
+    first = _run(data, cfg_file)
     assert first["data_change"] is None
     assert "warm start" not in [a["init"] for a in first["attempts"]]
     record = load_record(record_path(tmp_path / "out", "digits"))
     assert record is not None and record.case == 3 and Path(record.model_path).is_file()
 
     materialise_digits(data, per_class=21)  # ten new images: 5%
-    second = _run(data, cfg_file, capsys)
+    second = _run(data, cfg_file)
     change = second["data_change"]
     assert change["since_run"] == first["mlflow_run_id"]
     assert (change["added"], change["removed"], change["changed"]) == (10, 0, 0)  # no file moved
@@ -69,30 +69,33 @@ def _fine_tune_continues_from_the_last_runs_weights(
     assert warm["init"] == "warm start" and warm["from_run"] == first["mlflow_run_id"]
     assert warm["model_path"] == record.model_path and warm["success"] is True
     assert [a["init"] for a in second["attempts"]] == ["warm start"]
+    assert second["warm_start"].startswith(f"from run {first['mlflow_run_id']}'s weights")
     assert second["model_version"] == 2
     after = load_record(record_path(tmp_path / "out", "digits"))
     assert after is not None and after.changed_since_full == pytest.approx(0.05)
 
-    forced = _run(data, cfg_file, capsys, "--force")  # from scratch: nothing reused
+    forced = _run(data, cfg_file, "--force")  # from scratch: nothing reused
     assert forced["data_change"] is None
     assert [a["init"] for a in forced["attempts"]] == ["frozen probe", "pretrained"]
+    assert forced["warm_start"].startswith("from the pre-trained weights")
     latest = load_record(record_path(tmp_path / "out", "digits"))
     assert latest is not None and latest.changed_since_full == 0
 
 
-def _measured_verdict_stands_while_little_changed(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_measured_verdict_stands_while_little_changed(tmp_path: Path) -> None:
     data = materialise_digits(tmp_path / "digits", per_class=20)
     train = {"num_workers": 0, "finetune_epochs": 2, "image_size": 64}
     cfg_file = _config(tmp_path, train=train, strategy={"verify": "auto"})
-    first = _run(data, cfg_file, capsys)
+    first = _run(data, cfg_file)
     measured = first["verification"]
     assert measured["run"] is True and "inner_accuracy" in measured, measured["reason"]
     assert "reused_from" not in measured
 
     materialise_digits(data, per_class=21)
-    second = _run(data, cfg_file, capsys)
+    planned = _cli("plan", "--data", str(data), "--config", str(cfg_file))
+    assert planned["verification"]["reused_from"] == first["mlflow_run_id"]  # says so up front
+    assert planned["data_change"]["added"] == 10
+    second = _run(data, cfg_file)
     reused = second["verification"]
     assert reused["reused_from"] == first["mlflow_run_id"]
     assert reused["inner_accuracy"] == measured["inner_accuracy"]

@@ -110,7 +110,7 @@ def _previous(verdict: dict | None, share: float, same_config: bool = True) -> P
 def test_a_measured_verdict_is_reused_while_little_changed_since_it() -> None:
     plan = _plan()  # rule case 1
     measured = {"run": True, "rule_case": 1, "runner_up": 3, "chosen_case": 3,
-                "inner_accuracy": {"1": 0.8, "3": 0.9}}  # fmt: skip
+                "inner_accuracy": {"1": 0.8, "3": 0.9}, "margin": 0.03}  # fmt: skip
     reused = reused_verdict(_previous(measured, 0.05), plan, StrategyConfig())
     assert reused is not None and reused["chosen_case"] == 3
     assert reused["reused_from"] == "run-1" and reused["changed_since"] == 0.05
@@ -134,3 +134,8 @@ def test_a_measured_verdict_is_reused_while_little_changed_since_it() -> None:
         _previous({"run": False, "rule_case": 1, "reason": "off"}, 0.0)
     )  # never measured
     assert refused(_previous(measured, 0.0), plan=_plan(case=3))  # case set by configuration
+    # the rule's case kept: reused when the runner-up was clearly behind, not when it was a tie
+    kept = {**measured, "chosen_case": 1, "inner_accuracy": {"1": 0.9, "3": 0.85}}
+    assert not refused(_previous(kept, 0.05))
+    assert refused(_previous({**kept, "inner_accuracy": {"1": 0.9, "3": 0.88}}, 0.05))
+    assert refused(_previous({**kept, "inner_accuracy": {"1": 0.9, "3": 0.92}}, 0.05))
