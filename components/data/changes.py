@@ -24,6 +24,9 @@ class DataChange:
     added: int
     removed: int
     changed: int
+    # Files the earlier run trained on that are validation or test images now: a model trained
+    # then has seen them, so it cannot be continued (splits follow paths; small classes may move).
+    left_training: int = 0
 
     @property
     def share(self) -> float:
@@ -46,12 +49,15 @@ def manifest_change(previous: pd.DataFrame, current: pd.DataFrame) -> DataChange
     after = current.set_index("relpath").loc[:, list(_KEYS)].astype(str)
     kept = before.index.intersection(after.index)
     differs = (before.loc[kept] != after.loc[kept]).any(axis=1)
+    was_train = before.loc[kept, "split"] == "train"
+    held_out_now = after.loc[kept, "split"] != "train"
     return DataChange(
         previous=len(before),
         current=len(after),
         added=len(after.index.difference(before.index)),
         removed=len(before.index.difference(after.index)),
         changed=int(differs.sum()),
+        left_training=int((was_train & held_out_now).sum()),
     )
 
 

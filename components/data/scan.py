@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -204,6 +205,10 @@ def _unit_hash(relpath: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def _min_train(n: int) -> int:
+    return max(math.ceil(n / 2), min(n - 2, 5))
+
+
 def assign_splits(
     frame: pd.DataFrame, cfg: DataConfig, seed: int, with_test: bool = True
 ) -> pd.Series:
@@ -213,8 +218,11 @@ def assign_splits(
     falls in the next ``test_fraction``, so files joining a dataset never move the old ones: a
     test image of one run is never a training image of the next, the test set stays comparable
     across retrains, and a model trained before can be fine-tuned further without leaking. Shares
-    are exact in expectation, not per class; a class of three or more files keeps at least one
-    validation and one training file (the smallest and largest hash move when chance left none).
+    are exact in expectation, not per class. A class of three or more files keeps at least one
+    validation file, and for training at least half its files and at least five (or all but two):
+    when chance left fewer, the files nearest the boundary move (the smallest hash to validation,
+    the largest held-out ones to training). Only small classes ever need that; a warm start
+    checks for the rare file it moved out of training (``DataChange.left_training``).
     """
     split = pd.Series("train", index=frame.index)
     test_fraction = cfg.test_fraction if with_test else 0.0
@@ -227,8 +235,10 @@ def assign_splits(
         chosen[unit < cfg.val_fraction] = "val"
         if not (chosen == "val").any():
             chosen[unit.index[0]] = "val"
-        if not (chosen == "train").any():
-            chosen[unit.index[-1]] = "train"
+        held_out = chosen.index[chosen != "train"]  # in hash order
+        short = _min_train(len(unit)) - int((chosen == "train").sum())
+        if short > 0:
+            chosen[held_out[-short:]] = "train"
         split[chosen.index] = chosen
     return split
 

@@ -4,7 +4,7 @@ A scheduled retrain after 5% new images would spend the whole fine-tune again to
 model it already has. Continuing from that model for an epoch at a tenth of the learning rate,
 on all the data (old and new, so nothing is forgotten), costs a fraction of it. It is safe here
 because splits follow each file's own path: no test or validation image of this run was a
-training image of the last. Three guards keep it honest: the case, classes, input size and
+training image of the last (the rare file a small class moves out of training refuses it). Three guards keep it honest: the case, classes, input size and
 configuration must be those of the last run; the share of files changed since the last training
 from the pre-trained weights must stay under ``train.warm_start_max_change`` (so warm starts do not
 chain forever); and the continued model must not score below where it started on this run's
@@ -74,6 +74,10 @@ def plan_warm_start(
                     f"pre-trained weights, over {cfg.warm_start_max_change:.0%}",
                 ),
                 (not Path(record.model_path).is_file(), f"its model {record.model_path} is gone"),
+                (
+                    previous.change.left_training > 0,
+                    f"{previous.change.left_training} image(s) it trained on are held out now",
+                ),
             )
             if wrong
         ),

@@ -1,6 +1,7 @@
 """End to end: a real Prefect run, a real MLflow store in a temp dir, a real ONNX Runtime session."""
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -112,7 +113,8 @@ def test_flow_goes_from_folder_to_registered_onnx_model(digits_root: Path, tmp_p
 
     # The model's training-data profile is saved next to it and logged with the run.
     profile_dir = Path(summary["run_dir"]) / "profile"
-    assert json.loads((profile_dir / "profile.json").read_text())["n_images"] == 280
+    n_train = summary["counts"]["per_split"]["train"]
+    assert json.loads((profile_dir / "profile.json").read_text())["n_images"] == n_train
     assert {a.path for a in client.list_artifacts(run.info.run_id, "profile")} >= {
         "profile/profile.json",
         "profile/profile.npz",
@@ -164,7 +166,9 @@ def test_verification_trains_the_runner_up_on_a_nested_split(
     summary = transfer_flow(data=str(digits_root), config=cfg)
     v = summary["verification"]
     assert v["rule_case"] == 2 and v["runner_up"] == 4
-    assert set(v["inner_accuracy"]) == {"2", "4"} and v["n_inner_val"] == 56
+    n_train = summary["counts"]["per_split"]["train"]
+    assert set(v["inner_accuracy"]) == {"2", "4"}
+    assert v["n_inner_val"] == math.ceil(0.2 * n_train)  # strategy.verify_fraction
     kept = 4 if v["inner_accuracy"]["4"] > v["inner_accuracy"]["2"] + v["margin"] else 2
     assert summary["case"] == v["chosen_case"] == kept
     assert "nested split" in summary["reason"]

@@ -28,6 +28,11 @@ def test_added_removed_and_changed_files_are_counted_by_path() -> None:
     assert change.share == pytest.approx(5 / 20)
     assert change.sentence() == "2 added, 1 removed, 2 changed of 20 images (25.0%)"
     assert manifest_change(before, before).share == 0
+    assert change.left_training == 0
+    held_out = before.assign(split=before["split"].where(before["relpath"] != "a/3.png", "test"))
+    moved = manifest_change(before, held_out)
+    assert (moved.changed, moved.left_training) == (1, 1)  # trained on then, a test image now
+    assert manifest_change(held_out, before).left_training == 0  # the other way is no leak
 
 
 def test_reuse_is_refused_for_another_configuration_or_too_much_change() -> None:

@@ -52,6 +52,19 @@ def test_new_files_never_move_old_ones_between_splits(tmp_path: Path) -> None:
     assert set(after.drop(before.index)) == {"train", "val", "test"}
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_small_classes_keep_enough_training_images_and_one_for_validation(
+    tmp_path: Path, seed: int
+) -> None:
+    for label, n in (("a", 3), ("b", 5), ("c", 8), ("d", 12)):
+        for i in range(n):
+            write_photo(tmp_path / label / f"{i}.png", seed=100 * len(label) + i, size=(24, 24))
+    m = scan_dataset(tmp_path, DataConfig(), ValidationConfig(), seed=seed)
+    per = m.groupby(["label", "split"]).size().unstack(fill_value=0)
+    assert (per["val"] >= 1).all()
+    assert all(per.loc[c, "train"] >= low for c, low in {"a": 2, "b": 3, "c": 5, "d": 6}.items())
+
+
 def test_split_layout_is_kept(tmp_path: Path) -> None:
     for split in ("train", "val"):
         for label in ("a", "b"):

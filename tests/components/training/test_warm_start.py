@@ -1,5 +1,6 @@
 """A fine-tune continues from the last run's weights when little changed, and only then."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,9 @@ def test_a_warm_start_is_planned_only_when_everything_but_a_little_data_is_the_s
     assert "since the last training" in refused(
         _previous(tmp_path, share=0.1, changed_since_full=0.2)
     )
+    leaked = _previous(tmp_path)
+    leaked = PreviousRun(leaked.record, replace(leaked.change, left_training=1), True)
+    assert "1 image(s) it trained on are held out now" in refused(leaked)
     gone = _previous(tmp_path)
     Path(gone.record.model_path).unlink()
     assert "is gone" in refused(gone)
