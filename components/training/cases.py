@@ -31,14 +31,8 @@ from components.training.distributed import resolve_processes
 from components.training.distributed_finetune import launch_distributed
 from components.training.finetune import FinetuneResult, FinetuneSettings, RaceRule, finetune
 from components.training.heads import HeadFit, fit_linear_head
-from components.training.models import (
-    FrozenTransferModel,
-    ModelSpec,
-    build_model,
-    load_model,
-    save_model,
-)
-from components.training.warm_start import WarmStart
+from components.training.models import FrozenTransferModel, ModelSpec, build_model, save_model
+from components.training.warm_start import WarmStart, continue_training
 
 log = logging.getLogger(__name__)
 
@@ -197,57 +191,28 @@ def _run_finetune(
     )
 
 
-def _warm_started(
-    job: TrainingJob, warm: WarmStart, device: torch.device
-) -> tuple[_Trained | None, dict[str, object]]:
-    """The last run's model, trained on for a few epochs at a lower learning rate; None when it
-    ends below where it started on the validation split (the full fine-tune runs then)."""
-    model, spec, _ = load_model(warm.model_path, job.backbone)
-    base = _finetune_settings(job)
-    settings = replace(
-        base,
-        epochs=warm.epochs,
-        lr=base.lr * warm.lr_factor,
-        warmup_epochs=0,
-        measure_start=True,
-    )
-    checkpoint = (job.checkpoint_dir or job.run_dir / "checkpoints") / "warm.pt"
-    share = within(job.on_progress, 0.0, 1.0)
-    result = _run_finetune(job, model, spec, settings, checkpoint, device, share)
-    start = result.start_accuracy
-    kept = start is None or result.val_accuracy >= start - _noise(start, len(job.val.labels))
-    attempt = {
-        "init": "warm start",
-        **warm.to_dict(),
-        "start_val_accuracy": start,
-        "val_accuracy": result.val_accuracy,
-        "best_epoch": result.best_epoch,
-        "seconds": result.seconds,
-        "resumed_from_epoch": result.resumed_from_epoch,
-        "success": kept,
-    }
-    log.info(
-        "warm start from run %s: val accuracy %s -> %.4f, %s",
-        warm.from_run,
-        "?" if start is None else f"{start:.4f}",
-        result.val_accuracy,
-        "kept" if kept else "fine-tuning from the pre-trained weights instead",
-    )
-    return ((model, spec, result.val_accuracy, result.history) if kept else None), attempt
-
-
-def _noise(accuracy: float, n: int) -> float:
-    """One standard error of an accuracy measured on ``n`` images."""
-    return math.sqrt(accuracy * (1 - accuracy) / max(n, 1))
-
-
 def _finetuned(job: TrainingJob, device: torch.device) -> tuple[_Trained, list[dict[str, object]]]:
     attempts: list[dict[str, object]] = []
     if job.warm_start is not None:
-        warm, attempt = _warm_started(job, job.warm_start, device)
+        share = within(job.on_progress, 0.0, 1.0)
+
+        def train(
+            model: torch.nn.Module, spec: ModelSpec, settings: FinetuneSettings, checkpoint: Path
+        ) -> FinetuneResult:
+            return _run_finetune(job, model, spec, settings, checkpoint, device, share)
+
+        continued, attempt = continue_training(
+            job.warm_start,
+            job.backbone,
+            _finetune_settings(job),
+            len(job.val.labels),
+            (job.checkpoint_dir or job.run_dir / "checkpoints") / "warm.pt",
+            train,
+        )
         attempts.append(attempt)
-        if warm is not None:
-            return warm, attempts
+        if continued is not None:
+            model, spec, result = continued
+            return (model, spec, result.val_accuracy, result.history), attempts
     cfg, plan = job.cfg, job.plan
     probe = _fit_head(job, "head")
     settings = _finetune_settings(job)

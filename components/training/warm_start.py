@@ -13,11 +13,24 @@ validation split, or the full fine-tune runs after all.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from torch import nn
 
 from components.common.config import TrainConfig
 from components.data.changes import PreviousRun
+from components.engine.backbones import Backbone
+from components.training.finetune import FinetuneResult, FinetuneSettings
+from components.training.models import ModelSpec, load_model
+
+log = logging.getLogger(__name__)
+
+# Fine-tunes a model with these settings, checkpointing to the path (``cases._run_finetune``).
+Trainer = Callable[[nn.Module, ModelSpec, FinetuneSettings, Path], FinetuneResult]
 
 FINE_TUNED = (3, 4)
 
@@ -97,3 +110,42 @@ def plan_warm_start(
         f"{warm.lr_factor:g} x the learning rate: {previous.change.sentence()}, "
         f"{cumulative:.0%} since the last full fine-tune"
     )
+
+
+def continue_training(
+    warm: WarmStart,
+    backbone: Backbone,
+    base: FinetuneSettings,
+    n_val: int,
+    checkpoint: Path,
+    train: Trainer,
+) -> tuple[tuple[nn.Module, ModelSpec, FinetuneResult] | None, dict[str, object]]:
+    """The last run's model trained on for ``warm.epochs`` at ``warm.lr_factor`` of the learning
+    rates, and the attempt's record; None (the full fine-tune runs then) when it ends more than one
+    standard error below where it started on the validation split."""
+    model, spec, _ = load_model(warm.model_path, backbone)
+    settings = replace(
+        base, epochs=warm.epochs, lr=base.lr * warm.lr_factor, warmup_epochs=0, measure_start=True
+    )
+    result = train(model, spec, settings, checkpoint)
+    start = result.start_accuracy  # None when resumed from a checkpoint: its start was kept then
+    noise = 0.0 if start is None else math.sqrt(start * (1 - start) / max(n_val, 1))
+    kept = start is None or result.val_accuracy >= start - noise
+    attempt = {
+        "init": "warm start",
+        **warm.to_dict(),
+        "start_val_accuracy": start,
+        "val_accuracy": result.val_accuracy,
+        "best_epoch": result.best_epoch,
+        "seconds": result.seconds,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "success": kept,
+    }
+    log.info(
+        "warm start from run %s: val accuracy %s -> %.4f, %s",
+        warm.from_run,
+        "?" if start is None else f"{start:.4f}",
+        result.val_accuracy,
+        "kept" if kept else "fine-tuning from the pre-trained weights instead",
+    )
+    return ((model, spec, result) if kept else None), attempt
