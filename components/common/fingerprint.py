@@ -59,7 +59,7 @@ class RunRecord:
     model_uri: str
     run_dir: str
     finished_at: str
-    # What the next run may reuse when only a little of the data changed (``TrainedRun``); records
+    # What the next run may reuse when only a little of the data changed (``PreviousRun``); records
     # written before these fields existed load with the defaults and offer nothing to reuse.
     config_digest: str = ""  # the fingerprint without the data: same configuration and backbone
     usable_manifest: str = ""  # the files the model was trained and evaluated on

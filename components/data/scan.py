@@ -215,8 +215,8 @@ def assign_splits(
     """A seeded split, stratified by class, where each file's split depends on its own path only.
 
     A file goes to validation when its path's hash falls below ``val_fraction``, to test when it
-    falls in the next ``test_fraction``, so files joining a dataset never move the old ones: a
-    test image of one run is never a training image of the next, the test set stays comparable
+    falls in the next ``test_fraction``, so files joining a dataset do not move the old ones: a
+    test image of one run is not a training image of the next, the test set stays comparable
     across retrains, and a model trained before can be fine-tuned further without leaking. Shares
     are exact in expectation, not per class. A class of three or more files keeps at least one
     validation file, and for training at least half its files and at least five (or all but two):

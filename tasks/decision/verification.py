@@ -123,17 +123,10 @@ def verify_case(
         return final
     classes = list(counts.classes)
     splits = load_splits(read_manifest(usable_manifest), classes, engine, prep)
-    runner_up = _runner_up_plan(splits["train"], plan, decision.runner_up, cfg)
+    train, val = splits["train"], splits["val"]
+    runner_up = _runner_up_plan(train, plan, decision.runner_up, cfg)
     job = TrainingJob(
-        plan,
-        engine.backbone,
-        splits["train"],
-        splits["val"],
-        classes,
-        cfg.train,
-        prep,
-        run_dir,
-        cfg.seed,
+        plan, engine.backbone, train, val, classes, cfg.train, prep, run_dir, cfg.seed
     )
     result = verification.verify_runner_up(job, runner_up, decision, cfg.strategy)
     logger.info(result.sentence())

@@ -52,7 +52,7 @@ def _run(data: Path, cfg_file: Path, *extra: str) -> dict:
 def test_a_fine_tune_continues_from_the_last_runs_weights(tmp_path: Path) -> None:
 
     data = materialise_digits(tmp_path / "digits", per_class=20)
-    train = {"num_workers": 0, "finetune_epochs": 2, "image_size": 64}
+    train = {"num_workers": 0, "finetune_epochs": 1, "image_size": 64}
     cfg_file = _config(tmp_path, train=train, strategy={"case": 3})
     first = _run(data, cfg_file)
     assert first["data_change"] is None
@@ -84,7 +84,7 @@ def test_a_fine_tune_continues_from_the_last_runs_weights(tmp_path: Path) -> Non
 
 def test_a_measured_verdict_stands_while_little_changed(tmp_path: Path) -> None:
     data = materialise_digits(tmp_path / "digits", per_class=20)
-    train = {"num_workers": 0, "finetune_epochs": 2, "image_size": 64}
+    train = {"num_workers": 0, "finetune_epochs": 1, "image_size": 64}
     cfg_file = _config(tmp_path, train=train, strategy={"verify": "auto"})
     first = _run(data, cfg_file)
     measured = first["verification"]
