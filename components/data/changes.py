@@ -69,11 +69,3 @@ class PreviousRun:
     record: RunRecord
     change: DataChange
     same_config: bool
-
-    def refusal(self, max_change: float) -> str | None:
-        """Why nothing of it may be reused when at most ``max_change`` of the files may change."""
-        if not self.same_config:
-            return f"run {self.record.mlflow_run_id} had another configuration or backbone"
-        if self.change.share > max_change:
-            return f"{self.change.sentence()} since run {self.record.mlflow_run_id}, over {max_change:.0%}"
-        return None

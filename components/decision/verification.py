@@ -148,7 +148,7 @@ def reused_verdict(
     ):
         return None
     since = float(verdict.get("changed_since", 0.0)) + previous.change.share
-    if previous.refusal(cfg.verify_reuse_max_change) or since > cfg.verify_reuse_max_change:
+    if not previous.same_config or since > cfg.verify_reuse_max_change:
         return None
     if _was_a_tie(verdict):
         return None

@@ -74,10 +74,14 @@ def plan_warm_start(
         return None, f"{fresh}: no earlier successful run to continue from, or --force"
     record = previous.record
     cumulative = record.changed_since_full + previous.change.share
-    refusal = previous.refusal(cfg.warm_start_max_change) or next(
+    refusal = next(
         (
             why
             for wrong, why in (
+                (
+                    not previous.same_config,
+                    f"run {record.mlflow_run_id} had another configuration or backbone",
+                ),
                 (record.case != case, f"run {record.mlflow_run_id} trained case {record.case}"),
                 (list(record.classes) != classes, "the classes changed"),
                 (record.image_size != image_size, f"it ran at {record.image_size} px"),

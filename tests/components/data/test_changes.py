@@ -3,8 +3,7 @@
 import pandas as pd
 import pytest
 
-from components.common.fingerprint import RunRecord
-from components.data.changes import PreviousRun, manifest_change
+from components.data.changes import manifest_change
 
 
 def _manifest(rows: list[tuple[str, str, str, str]]) -> pd.DataFrame:
@@ -33,15 +32,3 @@ def test_added_removed_and_changed_files_are_counted_by_path() -> None:
     moved = manifest_change(before, held_out)
     assert (moved.changed, moved.left_training) == (1, 1)  # trained on then, a test image now
     assert manifest_change(held_out, before).left_training == 0  # the other way is no leak
-
-
-def test_reuse_is_refused_for_another_configuration_or_too_much_change() -> None:
-    record = RunRecord("f", "d", "run-1", "m", 1, "models:/m/1", "/r", "now")
-    same = _manifest([("a.png", "s", "a", "train")] * 1)
-    change = manifest_change(same, same)
-    assert PreviousRun(record, change, True).refusal(0.1) is None
-    assert "another configuration" in PreviousRun(record, change, False).refusal(0.1)
-    grown = manifest_change(
-        same, _manifest([("a.png", "s", "a", "train"), ("b.png", "t", "a", "val")])
-    )
-    assert "over 10%" in PreviousRun(record, grown, True).refusal(0.1)
