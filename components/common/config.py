@@ -148,6 +148,12 @@ class StrategyConfig(_Section):
     # The runner-up replaces the rule's case only if it wins on the nested split by more than this
     # many standard errors of the accuracy difference (noise on a small held-out set is no win).
     verify_margin_se: float = Field(1.0, ge=0)
+    # Inside that margin the check is a tie. "rule" keeps the rule's case. "finetune_when_different"
+    # (the default) takes the fine-tuned case when it scored at least as well and the data is
+    # unlike the source: a frozen cut of another domain is the weaker prior there, and the nested
+    # split's fewer images understate a fine-tune (see docs/decisions.md). Similar data keeps the
+    # rule's case either way: a few hundred images rarely fine-tune past ImageNet features.
+    verify_ties: Literal["rule", "finetune_when_different"] = "finetune_when_different"
     # A retrain keeps the last successful run's verdict (same configuration, same rule case) while
     # at most this share of files changed since; 0 verifies every run, as --force does.
     verify_reuse_max_change: float = Field(0.1, ge=0, le=1)

@@ -18,6 +18,7 @@ from components.decision.verification import (
     nested_split,
     reuse_sentence,
     reused_verdict,
+    settle,
 )
 from components.similarity.scores import SimilarityReport
 
@@ -101,6 +102,29 @@ def test_the_switching_margin_shrinks_with_the_held_out_set() -> None:
     assert difference_se(1.0, 1.0, 10) == 0.0
 
 
+def test_a_lead_beyond_the_margin_decides_and_a_tie_goes_by_the_data() -> None:
+    similar = replace(_plan(), similarity="similar")  # rule case 1, runner-up 3
+    different = replace(_plan(), case=2, similarity="different")  # runner-up 4
+    large_different = replace(different, case=4)  # runner-up 2
+    cfg = StrategyConfig()
+    n = 279  # eurosat_rgb's nested check: 0.943 frozen against 0.950 fine-tuned, margin 0.019
+    assert settle(different, 4, {2: 0.943, 4: 0.950}, n, cfg) == (4, 0.0191, True)
+    assert settle(different, 4, {2: 0.950, 4: 0.943}, n, cfg)[0] == 2  # the fine-tune trails
+    assert settle(similar, 3, {1: 0.943, 3: 0.950}, n, cfg)[0] == 1  # similar data: the rule
+    assert settle(large_different, 2, {2: 0.950, 4: 0.943}, n, cfg)[0] == 4  # the rule's fine-tune
+    assert settle(large_different, 2, {2: 0.943, 4: 0.950}, n, cfg)[0] == 4
+    assert settle(different, 4, {2: 0.943, 4: 0.950}, n, StrategyConfig(verify_ties="rule")) == (
+        2, 0.0191, True
+    )  # fmt: skip
+    # beyond the margin the scores decide, whatever the data
+    se = round(difference_se(0.90, 0.95, n), 4)
+    assert settle(similar, 3, {1: 0.90, 3: 0.95}, n, cfg) == (3, se, False)
+    assert settle(different, 4, {2: 0.95, 4: 0.90}, n, cfg) == (2, se, False)
+    assert settle(large_different, 2, {2: 0.95, 4: 0.90}, n, cfg)[0] == 2
+    # the margin is one standard error of the difference, so more held-out images settle more
+    assert settle(different, 4, {2: 0.943, 4: 0.950}, 40 * n, cfg)[2] is False
+
+
 def _previous(verdict: dict | None, share: float, same_config: bool = True) -> PreviousRun:
     record = RunRecord("f", "d", "run-1", "m", 1, "models:/m/1", "/r", "now", verification=verdict)
     changed = round(share * 1000)
@@ -138,4 +162,9 @@ def test_a_measured_verdict_is_reused_while_little_changed_since_it() -> None:
     kept = {**measured, "chosen_case": 1, "inner_accuracy": {"1": 0.9, "3": 0.85}}
     assert not refused(_previous(kept, 0.05))
     assert refused(_previous({**kept, "inner_accuracy": {"1": 0.9, "3": 0.88}}, 0.05))
+    # verdicts that record the tie: a tie settled either way is measured again
+    assert refused(_previous({**measured, "tie": True}, 0.05))
+    assert not refused(
+        _previous({**kept, "inner_accuracy": {"1": 0.9, "3": 0.88}, "tie": False}, 0.05)
+    )
     assert refused(_previous({**kept, "inner_accuracy": {"1": 0.9, "3": 0.92}}, 0.05))
