@@ -45,6 +45,7 @@ from components.training.cases import TrainingJob, train_case
 from components.training.models import load_model
 from flows.cli import start_prefect_api_early
 from flows.transfer import Decision, StageClock, decide, owned_run, verified
+from tasks.decision.resolution import finetune_input
 
 
 def subset(source: Path, per_class: int, dest: Path) -> Path:
@@ -74,10 +75,15 @@ def train_every_case(d: Decision, cfg: Any, out: Path) -> list[dict[str, Any]]:
     classes = list(d.counts.classes)
     manifest = read_manifest(d.validation.usable_manifest_path)
     splits = load_splits(manifest, classes, d.engine, d.prep)
-    train, val, test = splits["train"], splits["val"], splits.get("test")
+    train, test = splits["train"], splits.get("test")
     probe = d.plan.probe
     if probe is None and cfg.strategy.cut_block is None:
         probe = strategy.probe_cuts(train.features, train.labels, cfg.seed)
+    # Fine-tuned cases train at the size the pipeline gives a fine-tune (its budget's choice when
+    # the size was probed for a frozen case), with the probe head fitted at that size.
+    tuned = finetune_input(d.plan, d.counts, d.prep, d.engine, cfg)
+    tuned_prep = d.prep if tuned is None else tuned[0]
+    tuned_splits = splits if tuned is None else load_splits(manifest, classes, d.engine, tuned_prep)
     rows = []
     for case in (1, 2, 3, 4):
         cached = out / f"case{case}.json"
@@ -86,7 +92,10 @@ def train_every_case(d: Decision, cfg: Any, out: Path) -> list[dict[str, Any]]:
             continue
         plan = strategy.plan_for_case(d.plan, case, probe, cfg.strategy.cut_block)
         run_dir = out / ("finetune" if case in (3, 4) else f"case{case}")
-        job = TrainingJob(plan, backbone, train, val, classes, cfg.train, d.prep, run_dir, cfg.seed)
+        prep, on = (tuned_prep, tuned_splits) if case in (3, 4) else (d.prep, splits)
+        job = TrainingJob(
+            plan, backbone, on["train"], on["val"], classes, cfg.train, prep, run_dir, cfg.seed
+        )
         print(f"training case {case} ...", flush=True)
         start = time.perf_counter()
         result = train_case(job)
@@ -99,7 +108,8 @@ def train_every_case(d: Decision, cfg: Any, out: Path) -> list[dict[str, Any]]:
             "val_accuracy": result.val_accuracy,
             "test_accuracy": None
             if test is None
-            else _accuracy(result.model_path, test, d.engine, d.prep, cfg),
+            else _accuracy(result.model_path, on["test"], d.engine, prep, cfg),
+            "image_size": prep.image_size,
             "seconds": round(seconds, 1),
             "attempts": list(result.attempts),
         }
@@ -110,12 +120,16 @@ def train_every_case(d: Decision, cfg: Any, out: Path) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]], pick: int) -> str:
-    lines = ["| case | cut | val accuracy | test accuracy | seconds |", "|---|---|---|---|---|"]
+    lines = [
+        "| case | cut | px | val accuracy | test accuracy | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         test = "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
         mark = " **(pick)**" if r["case"] == pick else ""
         lines.append(
-            f"| {r['case']}{mark} | {r['cut'] or '-'} | {r['val_accuracy']:.4f} | {test} | {r['seconds']} |"
+            f"| {r['case']}{mark} | {r['cut'] or '-'} | {r.get('image_size', '-')} "
+            f"| {r['val_accuracy']:.4f} | {test} | {r['seconds']} |"
         )
     return "\n".join(lines)
 

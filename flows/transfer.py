@@ -208,6 +208,16 @@ def verified(d: Decision, cfg: PipelineConfig, previous: PreviousRun | None = No
     )
 
 
+def at_planned_size(d: Decision, plan: TransferPlan) -> Decision:
+    """``d`` with ``plan``, at the input size that plan trains at: a fine-tune that won its
+    verification against a frozen case keeps the size the budget gave it there."""
+    size = int((plan.resolution or {}).get("chosen", d.prep.image_size))
+    if size == d.prep.image_size:
+        return replace(d, plan=plan)
+    reason = str((plan.resolution or {}).get("reason", d.image_size_reason))
+    return replace(d, plan=plan, prep=replace(d.prep, image_size=size), image_size_reason=reason)
+
+
 def _decision_summary(d: Decision) -> dict[str, Any]:
     return {
         "dataset": d.ctx.name,
@@ -322,7 +332,7 @@ def _train_and_ship(ctx: RunContext, cfg: PipelineConfig, force: bool) -> dict[s
     # What the last successful run measured and trained, when little changed since (not --force).
     previous = None if force else previous_run(d.ctx, cfg, manifest)
     with clock.stage("verify"):
-        d = replace(d, plan=verified(d, cfg, previous))
+        d = at_planned_size(d, verified(d, cfg, previous))
     with clock.stage("train"):
         trained = train_model(manifest, classes, d.plan, d.prep, d.engine, cfg, run_dir, previous)
     with clock.stage("profile"):

@@ -2,7 +2,7 @@
 
 Budgeted decisions (whether to verify the runner-up case) need seconds, not FLOPs: the same network
 trains at 220 images/s at 64 px and 7.6 images/s at 224 px on a 2-core CPU, and a GPU is another
-world. A few training steps on random tensors give the rate; it is cached per backbone, resolution,
+world. The median of a few training steps on random tensors gives the rate; it is cached per backbone, resolution,
 device and thread count, so only the first run on a machine pays for the measurement.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 
 # A frozen case fits a linear head on cached features: seconds, whatever the data size.
 FROZEN_CASE_SECONDS = 5.0
+# Timed training steps: at least the minimum, then more until about a second has passed.
+TIMED_STEPS_MIN, TIMED_STEPS_MAX, TIMED_SECONDS = 3, 15, 1.0
 
 
 def training_throughput(
@@ -37,19 +40,24 @@ def training_throughput(
     x = torch.randn(batch, 3, image_size, image_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
-    timed = 2
-    for step in range(1 + timed):  # the first step warms up allocators and kernels
-        if step == 1:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+
+    def step() -> float:
+        start = time.perf_counter()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    rate = batch * timed / (time.perf_counter() - start)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    step()  # the first step warms up allocators and kernels
+    # The median of several steps: one step pre-empted by another process (a shared machine) would
+    # otherwise set the rate, and every budgeted decision after it reads this cache.
+    times = [step() for _ in range(TIMED_STEPS_MIN)]
+    while len(times) < TIMED_STEPS_MAX and sum(times) < TIMED_SECONDS:
+        times.append(step())
+    rate = batch / statistics.median(times)
     cached[key] = rate
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache_file.write_text(json.dumps(cached, indent=1))

@@ -95,6 +95,8 @@ def decision_markdown(
     if plan.resolution is not None:
         r = plan.resolution
         lines += ["", "## Input resolution", f"- {r['reason']}"]
+        if r.get("frozen"):
+            lines.append(f"- for frozen features (the rule's case): {r['frozen']['reason']}")
         measured = [c for c in r["candidates"] if c["probe_accuracy"] is not None or c["seconds"]]
         if measured:
             lines += ["", "| size | probe accuracy (CV) | std | seconds |", "|---|---|---|---|"]
@@ -123,13 +125,16 @@ def decision_markdown(
         if "inner_accuracy" in v:
             lines += [
                 f"- nested split: {v['n_inner_train']} training / {v['n_inner_val']} held-out images; "
-                f"the runner-up must win by more than {v['margin']:.3f} (one standard error)",
+                f"the runner-up must win by more than {v['margin']:.3f} (one standard error)"
+                + (", a tie: settled by strategy.verify_ties" if v.get("tie") else ""),
                 "",
-                "| case | nested accuracy | seconds |",
-                "|---|---|---|",
+                "| case | px | nested accuracy [95% interval] | seconds |",
+                "|---|---|---|---|",
             ]
+            sizes, intervals = v.get("image_size") or {}, v.get("inner_interval") or {}
             lines += [
-                f"| {c}{' (kept)' if int(c) == v['chosen_case'] else ''} | {a:.3f} | {v['inner_seconds'][c]} |"
+                f"| {c}{' (kept)' if int(c) == v['chosen_case'] else ''} | {sizes.get(c, '-')} "
+                f"| {a:.3f}{_interval(intervals.get(c))} | {v['inner_seconds'][c]} |"
                 for c, a in v["inner_accuracy"].items()
             ]
             if v.get("reused_from"):
@@ -145,3 +150,7 @@ def decision_markdown(
                 + (f", estimate {v['estimated_seconds']} s)" if v["estimated_seconds"] else ")")
             )
     return "\n".join(lines) + "\n"
+
+
+def _interval(bounds: object) -> str:
+    return f" [{bounds[0]:.3f}, {bounds[1]:.3f}]" if isinstance(bounds, list | tuple) else ""

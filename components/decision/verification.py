@@ -241,6 +241,7 @@ class VerificationResult:
     n_inner_val: int
     raced: dict[int, str | None] = field(default_factory=dict)
     tie: bool = False  # within the margin: settled by strategy.verify_ties, not by the scores
+    image_size: dict[int, int] = field(default_factory=dict)  # each case's input size
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -257,6 +258,7 @@ class VerificationResult:
             "n_inner_train": self.n_inner_train,
             "n_inner_val": self.n_inner_val,
             "tie": self.tie,
+            "image_size": {str(k): v for k, v in self.image_size.items()},
         }
 
     def sentence(self) -> str:
@@ -280,26 +282,36 @@ class VerificationResult:
         stops = "".join(
             f" (case {c} stopped early, clearly {why})" for c, why in self.raced.items() if why
         )
+        sizes = self.image_size
+        at = {c: f" at {sizes[c]} px" for c in sizes} if len(set(sizes.values())) > 1 else {}
         return (
             f"Verified on a nested split ({self.n_inner_train} training / {self.n_inner_val} held-out "
-            f"images): case {rule} scored {acc[rule]:.3f}, runner-up case {other} {acc[other]:.3f}"
-            f"{stops}; {verdict}."
+            f"images): case {rule}{at.get(rule, '')} scored {acc[rule]:.3f}, runner-up case "
+            f"{other}{at.get(other, '')} {acc[other]:.3f}{stops}; {verdict}."
         )
 
 
 def verify_runner_up(
-    job: TrainingJob, runner_up: TransferPlan, decision: VerificationDecision, cfg: StrategyConfig
+    job: TrainingJob,
+    runner_up: TransferPlan,
+    decision: VerificationDecision,
+    cfg: StrategyConfig,
+    runner_up_job: TrainingJob | None = None,
 ) -> VerificationResult:
     """Train both cases on a nested split, the frozen one first; the fine-tuned one races it and
-    stops once clearly behind or ahead. Keep the runner-up only if it wins beyond noise."""
-    inner_train, inner_val = nested_split(job.train, cfg.verify_fraction, job.seed)
-    n = len(inner_val.labels)
+    stops once clearly behind or ahead. Keep the runner-up if it wins beyond noise, or by
+    ``settle``'s rule for a tie. ``runner_up_job`` gives the runner-up its own inputs (a fine-tune
+    at its budgeted size): the same images, so the same nested split."""
+    jobs = {job.plan.case: job, runner_up.case: replace(runner_up_job or job, plan=runner_up)}
+    n = n_train = 0
     accuracy: dict[int, float] = {}
     seconds: dict[int, float] = {}
     raced: dict[int, str | None] = {}
     plans = sorted((job.plan, runner_up), key=lambda p: p.case not in (1, 2))  # frozen first
     frozen_accuracy: float | None = None
     for plan in plans:
+        inner_train, inner_val = nested_split(jobs[plan.case].train, cfg.verify_fraction, job.seed)
+        n, n_train = len(inner_val.labels), len(inner_train.labels)
         race = None
         if frozen_accuracy is not None:
             margin = cfg.verify_margin_se * difference_se(frozen_accuracy, frozen_accuracy, n)
@@ -311,7 +323,7 @@ def verify_runner_up(
         start = time.perf_counter()
         folder = job.run_dir / "verification" / f"case{plan.case}"
         result = train_case(
-            replace(job, plan=plan, train=inner_train, val=inner_val, run_dir=folder, race=race)
+            replace(jobs[plan.case], train=inner_train, val=inner_val, run_dir=folder, race=race)
         )
         accuracy[plan.case] = result.val_accuracy
         seconds[plan.case] = round(time.perf_counter() - start, 1)
@@ -320,8 +332,9 @@ def verify_runner_up(
             frozen_accuracy = result.val_accuracy
     chosen, margin, tie = settle(job.plan, runner_up.case, accuracy, n, cfg)
     log.info("verification: %s -> case %d%s", accuracy, chosen, " (a tie)" if tie else "")
+    sizes = {case: j.prep.image_size for case, j in jobs.items()}
     return VerificationResult(
-        decision, accuracy, seconds, chosen, margin, len(inner_train.labels), n, raced, tie
+        decision, accuracy, seconds, chosen, margin, n_train, n, raced, tie, sizes
     )
 
 

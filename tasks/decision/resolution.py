@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from components.common.config import PipelineConfig
+from components.common.plan import TransferPlan
 from components.common.progress import ProgressCallback
 from components.data.counting import DatasetCounts
 from components.data.scan import read_manifest
@@ -75,18 +77,47 @@ def choose_resolution(
         with stage_progress("resolution-progress", f"probing sizes {sizes}") as progress:
             choice = _probe_sizes(train, sizes, prep, similarity, engine, cfg, progress)
     else:
-        n_train, n_val = len(train), counts.per_split.get("val", 0)
-        estimated = {
-            size: finetune_seconds(
-                n_train,
-                n_val,
-                cfg.train.finetune_epochs,
-                training_throughput(
-                    engine.backbone, size, engine.device, engine.cache_root / "throughput.json"
-                ),
-            )
-            for size in sizes
-        }
-        choice = resolution.choose_by_budget(estimated, cfg.strategy.finetune_budget_s)
+        choice = budgeted_finetune_size(sizes, counts, engine, cfg)
     get_run_logger().info(choice.reason)
     return choice
+
+
+def budgeted_finetune_size(
+    sizes: tuple[int, ...], counts: DatasetCounts, engine: ExtractionEngine, cfg: PipelineConfig
+) -> resolution.ResolutionChoice:
+    """The largest of ``sizes`` whose fine-tune, at the measured training rate, fits the budget."""
+    n_train, n_val = counts.per_split.get("train", 0), counts.per_split.get("val", 0)
+    estimated = {
+        size: finetune_seconds(
+            n_train,
+            n_val,
+            cfg.train.finetune_epochs,
+            training_throughput(
+                engine.backbone, size, engine.device, engine.cache_root / "throughput.json"
+            ),
+        )
+        for size in sizes
+    }
+    return resolution.choose_by_budget(estimated, cfg.strategy.finetune_budget_s)
+
+
+def finetune_input(
+    plan: TransferPlan,
+    counts: DatasetCounts,
+    prep: Preprocessing,
+    engine: ExtractionEngine,
+    cfg: PipelineConfig,
+) -> tuple[Preprocessing, resolution.ResolutionChoice] | None:
+    """The input a fine-tune (case 3 or 4) trains at when the size was probed for a frozen case.
+
+    A probe measures frozen features, and a fine-tune pays for its size every epoch: so the
+    fine-tuned runner-up, and the final model when it wins, take the size the budget gives, as
+    they would had the rule chosen a fine-tune. None when the size was not probed (set in
+    configuration, the only candidate, or already chosen by the budget).
+    """
+    measured = plan.resolution or {}
+    if measured.get("method") != "probe":
+        return None
+    sizes = tuple(int(c["size"]) for c in measured["candidates"])
+    choice = budgeted_finetune_size(sizes, counts, engine, cfg)
+    return replace(prep, image_size=choice.chosen), choice

@@ -20,6 +20,7 @@ from components.engine.extraction import ExtractionEngine
 from components.engine.images import Preprocessing
 from components.similarity.scores import SimilarityReport
 from components.training.cases import TrainingJob
+from tasks.decision.resolution import finetune_input
 from tasks.decision.strategy import publish_decision
 
 
@@ -30,11 +31,14 @@ def plan_verification(
     engine: ExtractionEngine,
     cfg: PipelineConfig,
 ) -> verification.VerificationDecision:
-    """Whether the runner-up will be checked, from a measured training rate (cached per machine)."""
+    """Whether the runner-up will be checked, from a measured training rate (cached per machine)
+    at the size the fine-tuned side trains at."""
+    tuned = finetune_input(plan, counts, prep, engine, cfg) if plan.case in (1, 2) else None
+    size = prep.image_size if tuned is None else tuned[0].image_size
 
     def rate() -> float:
         return training_throughput(
-            engine.backbone, prep.image_size, engine.device, engine.cache_root / "throughput.json"
+            engine.backbone, size, engine.device, engine.cache_root / "throughput.json"
         )
 
     n_train = counts.per_split.get("train", 0)
@@ -52,6 +56,28 @@ def _runner_up_plan(
     return strategy.plan_for_case(plan, case, probe, cfg.strategy.cut_block)
 
 
+def _at_finetune_size(
+    runner_up: TransferPlan,
+    plan: TransferPlan,
+    counts: DatasetCounts,
+    prep: Preprocessing,
+    engine: ExtractionEngine,
+    cfg: PipelineConfig,
+) -> tuple[TransferPlan, Preprocessing]:
+    """A fine-tuned runner-up of a frozen rule case, with the size it trains at, and why."""
+    tuned = finetune_input(plan, counts, prep, engine, cfg) if runner_up.case in (3, 4) else None
+    if tuned is None:
+        return runner_up, prep
+    tuned_prep, choice = tuned
+    measured = dict(plan.resolution or {})
+    resolution = {
+        **choice.to_dict(),
+        "reason": f"Fine-tuned at {choice.reason}",
+        "frozen": {k: measured.get(k) for k in ("chosen", "method", "candidates", "reason")},
+    }
+    return replace(runner_up, resolution=resolution), tuned_prep
+
+
 def _runner_up(
     usable_manifest: Path,
     counts: DatasetCounts,
@@ -62,7 +88,8 @@ def _runner_up(
     cfg: PipelineConfig,
 ) -> TransferPlan:
     splits = load_splits(read_manifest(usable_manifest), list(counts.classes), engine, prep)
-    return _runner_up_plan(splits["train"], plan, case, cfg)
+    runner_up = _runner_up_plan(splits["train"], plan, case, cfg)
+    return _at_finetune_size(runner_up, plan, counts, prep, engine, cfg)[0]
 
 
 def preview_verification(
@@ -122,13 +149,19 @@ def verify_case(
         publish_decision(counts, similarity, final, run_dir)
         return final
     classes = list(counts.classes)
-    splits = load_splits(read_manifest(usable_manifest), classes, engine, prep)
+    manifest = read_manifest(usable_manifest)
+    splits = load_splits(manifest, classes, engine, prep)
     train, val = splits["train"], splits["val"]
     runner_up = _runner_up_plan(train, plan, decision.runner_up, cfg)
+    runner_up, runner_up_prep = _at_finetune_size(runner_up, plan, counts, prep, engine, cfg)
     job = TrainingJob(
         plan, engine.backbone, train, val, classes, cfg.train, prep, run_dir, cfg.seed
     )
-    result = verification.verify_runner_up(job, runner_up, decision, cfg.strategy)
+    runner_up_job = None
+    if runner_up_prep != prep:  # its own size: the same images, embedded at it for its probe head
+        own = load_splits(manifest, classes, engine, runner_up_prep)
+        runner_up_job = replace(job, train=own["train"], val=own["val"], prep=runner_up_prep)
+    result = verification.verify_runner_up(job, runner_up, decision, cfg.strategy, runner_up_job)
     logger.info(result.sentence())
     chosen = plan if result.chosen_case == plan.case else runner_up
     final = replace(

@@ -169,9 +169,20 @@ def test_verification_trains_the_runner_up_on_a_nested_split(
     n_train = summary["counts"]["per_split"]["train"]
     assert set(v["inner_accuracy"]) == {"2", "4"}
     assert v["n_inner_val"] == math.ceil(0.2 * n_train)  # strategy.verify_fraction
-    kept = 4 if v["inner_accuracy"]["4"] > v["inner_accuracy"]["2"] + v["margin"] else 2
-    assert summary["case"] == v["chosen_case"] == kept
+    lead = v["inner_accuracy"]["4"] - v["inner_accuracy"]["2"]
+    assert v["tie"] == (abs(lead) <= v["margin"])
+    # digits are unlike the source: a tie goes to the fine-tune when it scored at least as well
+    assert summary["case"] == v["chosen_case"] == (4 if lead >= 0 else 2)
     assert "nested split" in summary["reason"]
+    # The size was probed for the frozen case 2; the fine-tuned runner-up trained at the size its
+    # budget gives, and the final model at its own case's size.
+    final = summary["resolution"]
+    assert final["method"] == ("budget" if summary["case"] == 4 else "probe")
+    assert summary["image_size"] == final["chosen"] == v["image_size"][str(summary["case"])]
+    if summary["case"] == 4:  # the probe's measurement is kept beside the budget's choice
+        assert final["frozen"]["method"] == "probe"
+        assert final["frozen"]["chosen"] == v["image_size"]["2"]
+        assert f"{final['chosen']} px" in final["reason"] and "budget" in final["reason"]
     report = Path(summary["report"]).read_text()
     assert "Verification against the runner-up case" in report and "| 4" in report
 

@@ -10,9 +10,11 @@ from components.data.changes import DataChange, PreviousRun
 from components.data.counting import DatasetCounts
 from components.data.splits import SplitData
 from components.decision.costs import case_seconds, finetune_seconds
+from components.decision.reporting import decision_markdown
 from components.decision.strategy import plan_for_case, select_case
 from components.decision.verification import (
     RUNNER_UP,
+    VerificationResult,
     decide_verification,
     difference_se,
     nested_split,
@@ -168,3 +170,38 @@ def test_a_measured_verdict_is_reused_while_little_changed_since_it() -> None:
         _previous({**kept, "inner_accuracy": {"1": 0.9, "3": 0.88}, "tie": False}, 0.05)
     )
     assert refused(_previous({**kept, "inner_accuracy": {"1": 0.9, "3": 0.92}}, 0.05))
+
+
+def test_the_report_shows_a_tie_each_cases_size_and_the_frozen_measurement() -> None:
+    plan = replace(_plan(), case=4, similarity="different")
+    result = VerificationResult(
+        decide_verification(
+            replace(plan, case=2), StrategyConfig(verify="on"), 1394, 8, lambda: 10.0
+        ),
+        {2: 0.943, 4: 0.950},
+        {2: 23.7, 4: 1623.0},
+        4,
+        0.0191,
+        1115,
+        279,
+        tie=True,
+        image_size={2: 224, 4: 128},
+    )
+    resolution = {
+        "chosen": 128,
+        "candidates": [{"size": 128, "probe_accuracy": None, "probe_std": None, "seconds": 900}],
+        "reason": "Fine-tuned at 128 px, the largest size whose fine-tune fits the budget.",
+        "frozen": {"reason": "224 px: a linear probe chose it because it scored best."},
+    }
+    final = replace(plan, verification=result.to_dict(), resolution=resolution)
+    similarity = SimilarityReport(0.2, 0.1, 0.3, 0.2, ("bn",), (0.2,), 0.3, 0.7, 32, 1.5)
+    counts = DatasetCounts(
+        100, {"train": 100}, {"a": {"train": 50}, "b": {"train": 50}}, ("a", "b"), 50, 200
+    )
+    report = decision_markdown(counts, similarity, final)
+    assert "a tie: settled by strategy.verify_ties" in report
+    assert "| 4 (kept) | 128 | 0.950 [" in report and "| 2 | 224 | 0.943 [" in report
+    assert "for frozen features (the rule's case): 224 px" in report
+    sentence = result.sentence()
+    assert "case 2 at 224 px scored 0.943" in sentence and "case 4 at 128 px 0.950" in sentence
+    assert "a tie within 0.019" in sentence and "settled for case 4" in sentence
