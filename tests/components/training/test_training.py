@@ -136,3 +136,32 @@ def test_a_killed_fine_tune_is_resumed_by_the_next_run_with_the_same_key(
     (idle / "pretrained.pt").write_bytes(b"")
     assert clean_checkpoints(tmp_path / "out", key) == [folder]
     assert clean_checkpoints(tmp_path / "out", None, stale_after_s=-1.0) == [idle]
+
+
+def test_a_fine_tuned_runner_up_is_verified_at_its_own_size(setup, tmp_path: Path) -> None:
+    """The frozen case's size was probed for frozen features; the fine-tune trains at the size
+    its budget gives: the same images and the same nested split, other inputs."""
+    from components.data.splits import load_splits
+    from components.decision.verification import decide_verification, verify_runner_up
+    from components.engine.extraction import ExtractionEngine
+    from components.training.models import load_model
+
+    manifest, backbone, prep, classes, _ = setup
+    frozen, tuned = _plan(manifest, 2), _plan(manifest, 4)
+    job = _job(setup, frozen, _cfg(), tmp_path)
+    small = replace(prep, image_size=32)
+    engine = ExtractionEngine(backbone, tmp_path / "cache", num_workers=0)
+    own = load_splits(manifest, classes, engine, small)
+    tuned_job = replace(job, train=own["train"], val=own["val"], prep=small)
+    strategy = StrategyConfig(verify="on")
+    decision = decide_verification(frozen, strategy, len(job.train.labels), 1, lambda: 100.0)
+    result = verify_runner_up(job, tuned, decision, strategy, tuned_job)
+    assert result.image_size == {2: 64, 4: 32}
+    assert (
+        load_model(tmp_path / "verification" / "case4" / "model.pt", backbone)[1].image_size == 32
+    )
+    assert (
+        load_model(tmp_path / "verification" / "case2" / "model.pt", backbone)[1].image_size == 64
+    )
+    assert result.n_inner_val == round(0.2 * len(job.train.labels))
+    assert "case 2 at 64 px scored" in result.sentence()
