@@ -22,13 +22,17 @@ install: $(STAMP)
 demo: install
 	$(BIN)/transfer-pipeline demo
 
+# Two pytest workers: much of the suite waits on real servers and CLI processes, so a second
+# worker fills the CPU the first leaves idle. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	PREFECT_HOME=$(CURDIR)/.pytest_prefect $(BIN)/python -m pytest
+	PREFECT_HOME=$(CURDIR)/.pytest_prefect $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: install
-	PREFECT_HOME=$(CURDIR)/.pytest_prefect $(BIN)/python -m pytest -m "not slow"
+	PREFECT_HOME=$(CURDIR)/.pytest_prefect $(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist worksteal
 
 lint: install
 	$(BIN)/ruff check .

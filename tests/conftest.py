@@ -35,6 +35,13 @@ def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return materialise_digits(tmp_path_factory.mktemp("digits") / "digits", per_class=40)
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ``run.cache_dir`` for flow tests that do not test the cache itself: the backbone's
+    graphs are exported and the digits embedded once, not once per test."""
+    return tmp_path_factory.mktemp("shared-cache")
+
+
 def write_photo(path: Path, seed: int, size: tuple[int, int] = (96, 72), mode: str = "RGB") -> Path:
     """A smooth random colour image (textured enough to be decoded and embedded like a photo)."""
     rng = np.random.default_rng(seed)

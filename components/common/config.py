@@ -283,6 +283,10 @@ class RunConfig(_Section):
     dask_workers: int | None = Field(None, ge=1)
     # Files per scan shard and images per embedding shard (rounded up to whole batches).
     shard_images: int = Field(1024, ge=1)
+    # Where features, exported backbone graphs, scan results and measured training rates are
+    # cached; None: OUTPUT_DIR/cache. Everything in it is keyed by content, backbone and size, so
+    # several output folders on one machine may share one (none of it changes a result).
+    cache_dir: Path | None = None
 
     @field_validator("task_runner")
     @classmethod

@@ -49,6 +49,5 @@ def make_context(data_root: Path, cfg: PipelineConfig) -> RunContext:
             f"output_dir {cfg.output_dir}: cannot create the run folder {run_dir} "
             f"({err.strerror or err})"
         ) from None
-    return RunContext(
-        name, Path(data_root).resolve(), run_dir, (cfg.output_dir / "cache").resolve()
-    )
+    cache_dir = cfg.run.cache_dir or cfg.output_dir / "cache"
+    return RunContext(name, Path(data_root).resolve(), run_dir, Path(cache_dir).resolve())

@@ -33,10 +33,10 @@ def plan_verification(
 ) -> verification.VerificationDecision:
     """Whether the runner-up will be checked, from a measured training rate (cached per machine)
     at the size the fine-tuned side trains at."""
-    tuned = finetune_input(plan, counts, prep, engine, cfg) if plan.case in (1, 2) else None
-    size = prep.image_size if tuned is None else tuned[0].image_size
 
-    def rate() -> float:
+    def rate() -> float:  # measured only when the cost decides: not when verification is off
+        tuned = finetune_input(plan, counts, prep, engine, cfg) if plan.case in (1, 2) else None
+        size = prep.image_size if tuned is None else tuned[0].image_size
         return training_throughput(
             engine.backbone, size, engine.device, engine.cache_root / "throughput.json"
         )

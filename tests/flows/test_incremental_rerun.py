@@ -22,10 +22,11 @@ from flows.cli import main
 pytestmark = pytest.mark.slow
 
 
-def _config(tmp_path: Path, **sections: dict) -> Path:
+def _config(tmp_path: Path, cache: Path, **sections: dict) -> Path:
     cfg = build_config(
         {
             "output_dir": str(tmp_path / "out"),
+            "run": {"cache_dir": str(cache)},
             "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
             "similarity": {"sample_size": 32, "bootstrap_rounds": 50},
             **sections,
@@ -49,10 +50,12 @@ def _run(data: Path, cfg_file: Path, *extra: str) -> dict:
     return _cli("run", "--data", str(data), "--config", str(cfg_file), *extra)
 
 
-def test_a_fine_tune_continues_from_the_last_runs_weights(tmp_path: Path) -> None:
+def test_a_fine_tune_continues_from_the_last_runs_weights(
+    tmp_path: Path, shared_cache: Path
+) -> None:
     data = materialise_digits(tmp_path / "digits", per_class=20)
     train = {"num_workers": 0, "finetune_epochs": 1, "image_size": 64}
-    cfg_file = _config(tmp_path, train=train, strategy={"case": 3})
+    cfg_file = _config(tmp_path, shared_cache, train=train, strategy={"case": 3})
     first = _run(data, cfg_file)
     assert first["data_change"] is None
     assert "warm start" not in [a["init"] for a in first["attempts"]]
@@ -81,10 +84,10 @@ def test_a_fine_tune_continues_from_the_last_runs_weights(tmp_path: Path) -> Non
     assert latest is not None and latest.changed_since_full == 0
 
 
-def test_a_measured_verdict_stands_while_little_changed(tmp_path: Path) -> None:
+def test_a_measured_verdict_stands_while_little_changed(tmp_path: Path, shared_cache: Path) -> None:
     data = materialise_digits(tmp_path / "digits", per_class=20)
     train = {"num_workers": 0, "finetune_epochs": 1, "image_size": 64}
-    cfg_file = _config(tmp_path, train=train, strategy={"verify": "auto"})
+    cfg_file = _config(tmp_path, shared_cache, train=train, strategy={"verify": "auto"})
     first = _run(data, cfg_file)
     measured = first["verification"]
     assert measured["run"] is True and "inner_accuracy" in measured, measured["reason"]

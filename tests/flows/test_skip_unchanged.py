@@ -24,7 +24,7 @@ def _run(data: Path, cfg_file: Path, capsys: pytest.CaptureFixture[str], *extra:
 
 
 def test_an_unchanged_rerun_is_skipped_and_force_runs_it(
-    digits_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    digits_root: Path, tmp_path: Path, shared_cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = tmp_path / "digits"
     shutil.copytree(digits_root, data)
@@ -32,6 +32,7 @@ def test_an_unchanged_rerun_is_skipped_and_force_runs_it(
     cfg = build_config(
         {
             "output_dir": str(tmp_path / "out"),
+            "run": {"cache_dir": str(shared_cache)},  # changes no fingerprint
             "tracking": {"tracking_uri": uri},
             "similarity": {"sample_size": 32, "bootstrap_rounds": 50},
             "train": {"num_workers": 0},
@@ -47,7 +48,9 @@ def test_an_unchanged_rerun_is_skipped_and_force_runs_it(
     assert record is not None and record.mlflow_run_id == first["mlflow_run_id"]
     assert record.fingerprint == first["fingerprint"]
 
-    again = _run(data, cfg_file, capsys)
+    # the cache lives where run.cache_dir says, and where it lives changes no fingerprint
+    assert any(shared_cache.rglob("chunk-*")) and not (tmp_path / "out" / "cache").exists()
+    again = _run(data, cfg_file, capsys, "--set", f"run.cache_dir={tmp_path / 'elsewhere'}")
     assert again["skipped"] is True and again["mlflow_run_id"] == first["mlflow_run_id"]
     assert again["fingerprint"] == first["fingerprint"]
     assert f"unchanged since run {first['mlflow_run_id']}" in again["reason"]

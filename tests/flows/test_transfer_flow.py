@@ -30,10 +30,11 @@ from flows.transfer import plan_flow, transfer_flow
 pytestmark = pytest.mark.slow
 
 
-def _config(tmp_path: Path, **sections):
+def _config(tmp_path: Path, cache: Path | None = None, **sections):
     return build_config(
         {
             "output_dir": str(tmp_path / "out"),
+            "run": {"cache_dir": None if cache is None else str(cache)},
             "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
             "similarity": {"sample_size": 32, "bootstrap_rounds": 50},
             "train": {"num_workers": 0},
@@ -44,7 +45,7 @@ def _config(tmp_path: Path, **sections):
 
 
 def test_flow_goes_from_folder_to_registered_onnx_model(digits_root: Path, tmp_path: Path) -> None:
-    cfg = _config(tmp_path)
+    cfg = _config(tmp_path)  # its own cache: the rerun below must find the features it wrote
     summary = transfer_flow(data=str(digits_root), config=cfg)
 
     assert summary["case"] == 2 and summary["cut"].startswith("block")  # small and different
@@ -158,12 +159,13 @@ def test_flow_goes_from_folder_to_registered_onnx_model(digits_root: Path, tmp_p
 
 
 def test_verification_trains_the_runner_up_on_a_nested_split(
-    digits_root: Path, tmp_path: Path
+    digits_root: Path, tmp_path: Path, shared_cache: Path
 ) -> None:
     # A budget no size fits: the fine-tune takes the cheapest candidate (the runner-up at a size
     # of its own is tested in tests/components/training/test_training.py, on cheaper inputs).
     strategy = {"verify": "on", "finetune_budget_s": 1}
-    cfg = _config(tmp_path, strategy=strategy, train={"num_workers": 0, "finetune_epochs": 1})
+    train = {"num_workers": 0, "finetune_epochs": 1}
+    cfg = _config(tmp_path, shared_cache, strategy=strategy, train=train)
     summary = transfer_flow(data=str(digits_root), config=cfg)
     v = summary["verification"]
     assert v["rule_case"] == 2 and v["runner_up"] == 4
@@ -189,8 +191,10 @@ def test_verification_trains_the_runner_up_on_a_nested_split(
     assert "Verification against the runner-up case" in report and "| 4" in report
 
 
-def test_plans_are_deterministic_for_a_fixed_seed(digits_root: Path, tmp_path: Path) -> None:
-    cfg = _config(tmp_path, strategy={"verify": "auto"})
+def test_plans_are_deterministic_for_a_fixed_seed(
+    digits_root: Path, tmp_path: Path, shared_cache: Path
+) -> None:
+    cfg = _config(tmp_path, shared_cache, strategy={"verify": "auto"})
     first, second = (plan_flow(data=str(digits_root), config=cfg) for _ in range(2))
     varying = {"run_dir", "report", "seconds", "stage_seconds", "verification", "resolution"}
     assert {k: v for k, v in first.items() if k not in varying} == {
@@ -217,7 +221,9 @@ def test_plans_are_deterministic_for_a_fixed_seed(digits_root: Path, tmp_path: P
     assert not (Path(first["run_dir"]) / "verification").exists()
 
 
-def test_cli_json_summary_and_plan(digits_root: Path, tmp_path: Path, capsys) -> None:
+def test_cli_json_summary_and_plan(
+    digits_root: Path, tmp_path: Path, shared_cache: Path, capsys
+) -> None:
     """A usable dataset with a few bad files: they are listed, and the good ones still train."""
     data = tmp_path / "digits-with-bad-files"
     shutil.copytree(digits_root, data)
@@ -227,7 +233,7 @@ def test_cli_json_summary_and_plan(digits_root: Path, tmp_path: Path, capsys) ->
     (data / "__MACOSX" / "3" / "._0001.png").write_bytes(good)  # clutter: ignored, counted
     (data / "5" / "notes.png").write_text("not an image")
     cfg_file = tmp_path / "pipeline.yaml"
-    cfg_file.write_text(json.dumps(_config(tmp_path).model_dump(mode="json")))
+    cfg_file.write_text(json.dumps(_config(tmp_path, shared_cache).model_dump(mode="json")))
     assert main(["plan", "--data", str(data), "--config", str(cfg_file), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert {"case", "cut", "reason", "similarity", "counts", "thresholds"} <= set(plan)
