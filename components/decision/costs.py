@@ -2,8 +2,8 @@
 
 Budgeted decisions (whether to verify the runner-up case) need seconds, not FLOPs: the same network
 trains at 220 images/s at 64 px and 7.6 images/s at 224 px on a 2-core CPU, and a GPU is another
-world. The median of a few training steps on random tensors gives the rate; it is cached per backbone, resolution,
-device and thread count, so only the first run on a machine pays for the measurement.
+world. The median of a few training steps on random tensors gives the rate; it is cached per
+backbone, resolution, device and thread count, so only the first run on a machine pays for it.
 """
 
 from __future__ import annotations
