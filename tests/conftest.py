@@ -23,12 +23,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from components.data.demo_data import materialise_digits
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow end-to-end tests first: on two workers the minutes-long ones start at once and the
-    quick ones fill in around them, instead of one of them starting last and running alone."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(autouse=True)
 def _seeded_torch() -> None:
     """Every test starts from the same torch seed, so random inputs cannot make a result flaky."""
