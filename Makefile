@@ -23,7 +23,8 @@ demo: install
 	$(BIN)/transfer-pipeline demo
 
 # Two pytest workers: much of the suite waits on real servers and CLI processes, so a second
-# worker fills the CPU the first leaves idle. TEST_WORKERS=0 runs in one process.
+# worker fills the CPU the first leaves idle. Each worker gets its share of the CPUs for torch's
+# threads (tests/conftest.py), or the two oversubscribe them. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
 test: install

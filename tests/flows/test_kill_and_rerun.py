@@ -35,6 +35,8 @@ SETTINGS = [
     "--set", "train.device=cpu",
     "--set", "train.image_size=64",
     "--set", "train.finetune_epochs=3",
+    "--set", "similarity.sample_size=16",
+    "--set", "similarity.bootstrap_rounds=20",
 ]  # fmt: skip
 RESUMED = re.compile(r"resuming fine-tuning from checkpoint \S+ after epoch (\d+)")
 
