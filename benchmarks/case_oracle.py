@@ -176,7 +176,8 @@ def main() -> None:
     picked = next(r for r in rows if r["case"] == final.case)
     result = {
         "dataset": name,
-        "data": str(data),
+        # the folder's name, not its path: results are shared, the machine's layout is not
+        "data": args.data.name + (f", first {args.per_class} per class" if args.per_class else ""),
         "counts": {"total": decision.counts.total, "per_split": decision.counts.per_split},
         "min_train_per_class": decision.counts.min_train_per_class,
         "image_size": decision.prep.image_size,

@@ -361,7 +361,7 @@ def main() -> None:
             "benchmark": "serve_load",
             "machine": machine(load_start=load_start, load_end=os.getloadavg()),
             "images": len(images),
-            "data": str(args.data) if args.data else "generated 400x300 JPEGs",
+            "data": "/".join(args.data.parts[-2:]) if args.data else "generated 400x300 JPEGs",
             "runs": runs,
             "reload": reload_run,
             "speedup_32": _speedup(runs, 32),

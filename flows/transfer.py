@@ -168,9 +168,13 @@ def decide(
             embed_in_shards(shards, usable, prep, engine, cfg)
         embed_dataset(usable, prep, engine, cfg)
     # Near-duplicates after the embedding: it reads the rows just cached at the chosen size, so it
-    # runs no forward pass; the stages before it read training images only, which it never drops.
+    # runs no forward pass. The stages before it read training images only; where it moves a
+    # group of copies out of training, they saw it, but neither scores anything held out: every
+    # accuracy after this point is measured on the splits it leaves.
     with clock.stage("near_duplicates"):
-        validation = quarantine_near_duplicates(validation, prep, engine, cfg.validation)
+        validation = quarantine_near_duplicates(
+            validation, prep, engine, cfg.validation, cfg.data, cfg.seed
+        )
     if validation.usable_manifest_path != usable:
         usable = validation.usable_manifest_path
         counts = count_dataset(usable)

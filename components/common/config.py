@@ -83,9 +83,15 @@ class ValidationConfig(_Section):
     max_image_pixels: int = Field(89_478_485, ge=1)
     # Near-duplicates (re-encoded, resized or cropped copies; docs/benchmarks.md): candidates are
     # each image's nearest neighbours by cosine similarity of the cached head features, confirmed
-    # by a perceptual hash computed for candidates only. A held-out copy of another split's image
-    # is quarantined from the held-out side; a copy labelled differently is a label conflict.
+    # by a perceptual hash computed for candidates only. Where the pipeline drew the splits (a
+    # folder of class folders), each group of near-copies of one label moves whole into one split;
+    # a held-out copy of another split's image that no group holds (the user's splits, a label
+    # conflict, a group at its size limit) is quarantined from the held-out side.
     near_duplicates: bool = True
+    near_duplicate_regroup: bool = True  # False: quarantine held-out copies, move nothing
+    # Images a group may hold: the copies of one thing (a photo's edits, one object's exposures:
+    # magnetic tiles come in groups of up to six). Beyond it pairs chain distinct look-alikes.
+    near_duplicate_group_max: int = Field(8, ge=2)
     near_duplicate_min_cosine: float = Field(0.6, ge=-1, le=1)
     near_duplicate_neighbours: int = Field(5, ge=1)  # candidates per image, at most
     near_duplicate_hash: Literal["phash", "dhash"] = "phash"

@@ -11,7 +11,9 @@ from two photos of the same kind of thing, which the features alone rate as clos
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ import imagehash
 import numpy as np
 import pandas as pd
 
-from components.common.config import ValidationConfig
+from components.common.config import DataConfig, ValidationConfig
+from components.data.scan import assign_splits
 from components.engine.images import open_image
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
@@ -143,6 +146,116 @@ def _quarantine(pairs: list[NearDuplicatePair]) -> dict[str, str]:
             f"near-duplicate of {p.first_split} file {p.first} ({p.describe()}{conflict}) (leakage)"
         )
     return reasons
+
+
+def copy_groups(pairs: tuple[NearDuplicatePair, ...], max_size: int) -> dict[str, str]:
+    """Path -> its group's first path, for every image in a near-copy group of one label.
+
+    A group is meant to be the copies of one thing (a photo and its edits, one object's few
+    exposures), which must land in one split. Letting pairs chain freely links distinct images
+    that merely look alike: on magnetic tiles, pairs across labels joined whole classes into one
+    group. So a group grows from its closest pairs first and never past ``max_size`` images, and
+    a pair across labels joins nothing (it is a label conflict, reported and quarantined).
+    """
+    root: dict[str, str] = {}
+    members: dict[str, list[str]] = {}
+
+    def find(path: str) -> str:
+        root.setdefault(path, path)
+        members.setdefault(path, [path])
+        while root[path] != path:
+            root[path] = root[root[path]]
+            path = root[path]
+        return path
+
+    closest_first = sorted(pairs, key=lambda p: (-p.cosine, p.distance, p.first, p.second))
+    for p in closest_first:
+        if p.label_conflict:
+            continue
+        a, b = sorted((find(p.first), find(p.second)))
+        if a == b or len(members[a]) + len(members[b]) > max_size:
+            continue
+        root[b] = a
+        members[a] += members.pop(b)
+    return {m: min(group) for group in members.values() if len(group) > 1 for m in group}
+
+
+def _held_out_second(pair: NearDuplicatePair) -> NearDuplicatePair:
+    """The pair ordered so that ``second`` is the side in the later split (the one to drop)."""
+    if SPLIT_ORDER.get(pair.first_split, 3) <= SPLIT_ORDER.get(pair.second_split, 3):
+        return pair
+    return NearDuplicatePair(
+        pair.second, pair.first, pair.second_split, pair.first_split,
+        pair.second_label, pair.first_label, pair.cosine, pair.distance,
+    )  # fmt: skip
+
+
+def with_splits(found: NearDuplicates, splits: Mapping[str, str]) -> NearDuplicates:
+    """``found`` after its images moved to ``splits`` (path -> split): pairs carry the new splits
+    and the quarantine holds the held-out side of those still across splits."""
+    pairs = tuple(
+        _held_out_second(replace(p, first_split=splits[p.first], second_split=splits[p.second]))
+        for p in found.pairs
+    )
+    return replace(found, pairs=pairs, quarantined=_quarantine(list(pairs)))
+
+
+@dataclass(frozen=True)
+class Regrouped:
+    """Near-copy groups moved whole into one split: what moved, and what is still quarantined."""
+
+    found: NearDuplicates  # pairs with their new splits; the quarantine of those still across
+    moves: dict[str, str]  # path -> its new split
+    groups: dict[str, str]  # path -> its group's key (the relpath of its first file)
+    n_groups: int
+    largest_group: int
+
+    def section(self, contact_sheet: Path | None) -> dict[str, Any]:
+        return self.found.to_dict(contact_sheet) | {
+            "n_moved": len(self.moves),
+            "n_groups": self.n_groups,
+            "largest_group": self.largest_group,
+            "moved_examples": dict(list(self.moves.items())[:_EXAMPLES]),
+        }
+
+
+def group_keys(
+    manifest: pd.DataFrame, pairs: tuple[NearDuplicatePair, ...], max_size: int
+) -> dict[str, str]:
+    """Path -> its near-copy group's key (the relpath of the group's first file), for grouped
+    files only: the manifest's ``group`` column, which keeps copies in one fold wherever the
+    training rows are split again (cross-validation, the nested split)."""
+    relpath = dict(zip(manifest["path"], manifest["relpath"], strict=True))
+    return {path: relpath[first] for path, first in copy_groups(pairs, max_size).items()}
+
+
+def regroup(
+    manifest: pd.DataFrame, found: NearDuplicates, data: DataConfig, seed: int, max_size: int
+) -> Regrouped:
+    """For splits the pipeline drew: each near-copy group goes whole to the split its first file
+    by path was drawn into (``assign_splits`` with groups), instead of losing its held-out side.
+
+    Quarantining alone emptied held-out sets where data comes in groups (magnetic tiles: 145 of
+    172 held-out images). Files in no group keep their split, so a dataset without copies is split
+    exactly as before.
+    """
+    groups = group_keys(manifest, found.pairs, max_size)
+    keys = manifest["path"].map(groups).fillna(manifest["relpath"])
+    drawn = assign_splits(manifest, data, seed, groups=keys)
+    splits = dict(zip(manifest["path"], manifest["split"], strict=True))
+    moves = {
+        path: new
+        for path, new in zip(manifest["path"], drawn, strict=True)
+        if path in groups and new != splits[path]
+    }
+    sizes = Counter(groups.values())
+    return Regrouped(
+        with_splits(found, splits | moves),
+        moves,
+        groups,
+        len(sizes),
+        max(sizes.values(), default=0),
+    )
 
 
 def _allowed_distance(cosine: float, cfg: ValidationConfig) -> int:

@@ -210,7 +210,11 @@ def _min_train(n: int) -> int:
 
 
 def assign_splits(
-    frame: pd.DataFrame, cfg: DataConfig, seed: int, with_test: bool = True
+    frame: pd.DataFrame,
+    cfg: DataConfig,
+    seed: int,
+    with_test: bool = True,
+    groups: pd.Series | None = None,
 ) -> pd.Series:
     """A seeded split, stratified by class, where each file's split depends on its own path only.
 
@@ -223,23 +227,33 @@ def assign_splits(
     when chance left fewer, the files nearest the boundary move (the smallest hash to validation,
     the largest held-out ones to training). Only small classes ever need that; a warm start
     checks for the rare file it moved out of training (``DataChange.left_training``).
+
+    ``groups`` (a key per row, default its ``relpath``) keeps files together: a group is placed
+    as its key's file would be, whole, so copies of one thing never straddle two splits.
     """
+    keys = frame["relpath"] if groups is None else groups
     split = pd.Series("train", index=frame.index)
     test_fraction = cfg.test_fraction if with_test else 0.0
-    for _, group in frame.groupby("label"):
-        unit = group["relpath"].map(lambda r: _unit_hash(r, seed)).sort_values()
-        if len(unit) < 3:
+    for _, rows in frame.groupby("label"):
+        if len(rows) < 3:
             continue
+        row_keys = keys[rows.index]
+        size = row_keys.value_counts()  # files per key
+        unit = pd.Series({k: _unit_hash(k, seed) for k in size.index}).sort_values()
         chosen = pd.Series("train", index=unit.index)
         chosen[unit < cfg.val_fraction + test_fraction] = "test"
         chosen[unit < cfg.val_fraction] = "val"
         if not (chosen == "val").any():
             chosen[unit.index[0]] = "val"
-        held_out = chosen.index[chosen != "train"]  # in hash order
-        short = _min_train(len(unit)) - int((chosen == "train").sum())
-        if short > 0:
-            chosen[held_out[-short:]] = "train"
-        split[chosen.index] = chosen
+        short = _min_train(len(rows)) - int(size[chosen == "train"].sum())
+        for key in reversed(chosen.index[chosen != "train"]):  # largest hash first
+            if short <= 0:
+                break
+            if chosen[key] == "val" and (chosen == "val").sum() == 1:
+                continue  # a group as large as the class's held-out share: val keeps it
+            chosen[key] = "train"
+            short -= int(size[key])
+        split[rows.index] = row_keys.map(chosen)
     return split
 
 

@@ -13,11 +13,23 @@ from components.engine.images import Preprocessing
 
 @dataclass(frozen=True)
 class SplitData:
-    """Paths, integer labels and cached features (per cut point) of one split."""
+    """Paths, integer labels and cached features (per cut point) of one split; ``groups`` keys
+    near-copies of one thing alike (None: every image stands alone), so that a split of these
+    rows (cross-validation folds, the nested split) keeps each group on one side."""
 
     paths: list[str]
     labels: np.ndarray
     features: dict[str, np.ndarray]
+    groups: np.ndarray | None = None
+
+    def subset(self, rows: np.ndarray) -> SplitData:
+        """The rows ``rows`` (in that order)."""
+        return SplitData(
+            [self.paths[i] for i in rows],
+            self.labels[rows],
+            {cut: x[rows] for cut, x in self.features.items()},
+            None if self.groups is None else self.groups[rows],
+        )
 
 
 def load_splits(
@@ -29,6 +41,8 @@ def load_splits(
     """One ``SplitData`` per split present; features come from the engine's cache (computed if
     missing)."""
     index = {c: i for i, c in enumerate(classes)}
+    group = manifest.get("group", pd.Series(dtype=str)).astype(str).replace({"": None, "nan": None})
+    grouped = bool(group.notna().any())
     out = {}
     for split in ("train", "val", "test"):
         rows = manifest[manifest["split"] == split]
@@ -36,5 +50,6 @@ def load_splits(
             continue
         paths = rows["path"].tolist()
         features = engine.features(paths, rows["sha256"].tolist(), prep)
-        out[split] = SplitData(paths, rows["label"].map(index).to_numpy(), features)
+        groups = group[rows.index].fillna(rows["relpath"]).to_numpy(str) if grouped else None
+        out[split] = SplitData(paths, rows["label"].map(index).to_numpy(), features, groups)
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,11 @@ def _near_duplicate_lines(found: dict[str, Any]) -> list[str]:
         f"({found['n_quarantined']} held-out files quarantined), "
         f"{found['n_label_conflicts']} label conflicts."
     ]
+    if found.get("n_moved"):
+        lines.append(
+            f"{found['n_moved']} files moved so that each of {found['n_groups']} groups of "
+            f"near-copies (at most {found['largest_group']} images) lies whole in one split."
+        )
     if found.get("n_too_small"):
         lines.append(f"{found['n_too_small']} images too small to judge were not searched.")
     for pair in found["label_conflict_examples"]:
@@ -349,8 +355,12 @@ def quarantine_more(
     reasons: dict[str, str],
     section: dict[str, Any],
     usable_path: Path,
+    moves: Mapping[str, str] | None = None,
+    groups: Mapping[str, str] | None = None,
 ) -> ValidationReport:
-    """The report after a later check quarantined more files (path -> reason) by content.
+    """The report after a later check quarantined more files (path -> reason) by content, moved
+    others (path -> split) between the splits the pipeline drew, and keyed groups of near-copies
+    (path -> key, the manifest's ``group`` column; empty for a file in no group).
 
     Writes the usable manifest without them to ``usable_path`` (the earlier file stays, as the
     input of the stages that ran before the check) and rewrites ``validation.json`` with the
@@ -358,6 +368,11 @@ def quarantine_more(
     out and why.
     """
     manifest = read_manifest(report.usable_manifest_path)
+    if moves:
+        moved = manifest["path"].isin(list(moves)).to_numpy()
+        manifest.loc[moved, "split"] = manifest.loc[moved, "path"].map(moves)
+    if groups:
+        manifest["group"] = manifest["path"].map(groups)
     keep = ~manifest["path"].isin(list(reasons))
     manifest[keep.to_numpy()].to_csv(usable_path, index=False)
     added = tuple(QuarantinedFile(p, reasons[p]) for p in sorted(reasons))

@@ -30,6 +30,7 @@ def probe_cuts(
     prefer: str = "earliest",
     folds: int = 3,
     max_rows: int = 4000,
+    groups: np.ndarray | None = None,
 ) -> ProbeScores:
     """Score a linear head at every cut by k-fold CV on the training rows and pick one.
 
@@ -38,20 +39,20 @@ def probe_cuts(
     embedding the images did; the final head is then the logistic fit at the chosen cut. ``prefer`` breaks ties within noise (one standard error
     of the best): ``"earliest"`` (different data: earlier cuts are smaller, faster and less
     specific to the source task) or ``"head"`` (similar data: the whole network, the rule's prior).
-    Large sets are subsampled (stratified): ranking cuts does not need every image.
+    Large sets are subsampled (stratified; whole groups when ``groups`` marks near-copies, which
+    the folds then keep together): ranking cuts does not need every image.
     """
     if len(labels) > max_rows:
-        keep, _ = train_test_split(
-            np.arange(len(labels)), train_size=max_rows, stratify=labels, random_state=seed
-        )
-        keep = np.sort(keep)
+        keep = _subsample(labels, max_rows, seed, groups)
         features, labels = {c: x[keep] for c, x in features.items()}, labels[keep]
+        groups = None if groups is None else groups[keep]
     y = np.unique(labels, return_inverse=True)[1]
     num_classes = int(y.max()) + 1
     cuts, means, stds, cs = [], [], [], []
-    folds_used = fold_count(y, folds)
+    folds_used = fold_count(y, folds, groups)
     for cut, x in features.items():
-        curve = ridge_cv_curve(Standardiser.fit(x).apply(x), y, num_classes, folds, seed)
+        z = Standardiser.fit(x).apply(x)
+        curve = ridge_cv_curve(z, y, num_classes, folds, seed, groups=groups)
         cuts.append(cut)
         means.append(curve.means[curve.best])
         stds.append(curve.stds[curve.best])
@@ -68,6 +69,19 @@ def probe_cuts(
         chosen,
     )
     return ProbeScores(tuple(cuts), tuple(means), tuple(stds), chosen, folds_used, tuple(cs))
+
+
+def _subsample(labels: np.ndarray, rows: int, seed: int, groups: np.ndarray | None) -> np.ndarray:
+    """About ``rows`` row indices (sorted): stratified, or whole groups in a seeded order."""
+    if groups is None:
+        keep, _ = train_test_split(
+            np.arange(len(labels)), train_size=rows, stratify=labels, random_state=seed
+        )
+        return np.sort(keep)
+    keys, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(keys))
+    taken = order[: int(np.searchsorted(np.cumsum(sizes[order]), rows)) + 1]
+    return np.flatnonzero(np.isin(inverse, taken))
 
 
 def planned_case(counts: DatasetCounts, similarity: SimilarityReport, cfg: StrategyConfig) -> int:

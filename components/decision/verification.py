@@ -41,6 +41,7 @@ from components.data.splits import SplitData
 from components.decision.costs import case_seconds, finetune_seconds
 from components.training.cases import TrainingJob, train_case
 from components.training.finetune import RaceRule
+from components.training.logistic import fold_count, fold_splits
 
 log = logging.getLogger(__name__)
 
@@ -204,21 +205,17 @@ def reuse_sentence(verdict: dict[str, object]) -> str:
 
 
 def nested_split(data: SplitData, fraction: float, seed: int) -> tuple[SplitData, SplitData]:
-    """A stratified, seeded inner train/validation split of the training split."""
+    """A stratified, seeded inner train/validation split of the training split; near-copy groups
+    (``data.groups``) stay whole on one side, so the inner score is on unseen things."""
     rows = np.arange(len(data.labels))
-    inner_train, inner_val = train_test_split(
-        rows, test_size=fraction, stratify=data.labels, random_state=seed
-    )
-
-    def subset(idx: np.ndarray) -> SplitData:
-        idx = np.sort(idx)
-        return SplitData(
-            [data.paths[i] for i in idx],
-            data.labels[idx],
-            {cut: x[idx] for cut, x in data.features.items()},
+    if data.groups is None:
+        inner_train, inner_val = train_test_split(
+            rows, test_size=fraction, stratify=data.labels, random_state=seed
         )
-
-    return subset(inner_train), subset(inner_val)
+    else:
+        k = fold_count(data.labels, max(2, round(1 / fraction)), data.groups)
+        inner_train, inner_val = fold_splits(data.labels, k, seed, data.groups)[0]
+    return data.subset(np.sort(inner_train)), data.subset(np.sort(inner_val))
 
 
 def difference_se(accuracy_a: float, accuracy_b: float, n: int) -> float:

@@ -124,6 +124,7 @@ def _fit_head(job: TrainingJob, cut: str) -> HeadFit:
         job.seed,
         cfg.head_cv_folds,
         balanced=class_weights(job) is not None,
+        groups=job.train.groups,
     )
 
 

@@ -40,11 +40,13 @@ def fit_linear_head(
     folds: int = 5,
     cs: tuple[float, ...] = DEFAULT_CS,
     balanced: bool = False,
+    groups: np.ndarray | None = None,
 ) -> HeadFit:
     """Fit the softmax layer on the training rows, then score it once on the validation rows;
-    ``balanced`` weighs the classes alike (imbalanced data)."""
+    ``balanced`` weighs the classes alike (imbalanced data), ``groups`` keeps near-copies of one
+    thing in one fold when C is chosen."""
     fit, curve = fit_logistic(
-        x_train, np.asarray(y_train), num_classes, seed, cs, folds, balanced=balanced
+        x_train, np.asarray(y_train), num_classes, seed, cs, folds, balanced=balanced, groups=groups
     )
     layer = nn.Linear(x_train.shape[1], num_classes)
     with torch.no_grad():

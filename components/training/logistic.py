@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +161,28 @@ def _as_tensors(z: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tenso
     )
 
 
-def fold_count(labels: np.ndarray, folds: int) -> int:
-    """At most ``folds``, at least 2, and never more than the rarest class has rows."""
-    smallest = int(np.bincount(np.unique(labels, return_inverse=True)[1]).min())
+def fold_count(labels: np.ndarray, folds: int, groups: np.ndarray | None = None) -> int:
+    """At most ``folds``, at least 2, and never more than the rarest class has rows (or groups)."""
+    if groups is None:
+        smallest = int(np.bincount(np.unique(labels, return_inverse=True)[1]).min())
+    else:
+        pairs = np.unique(np.stack([np.asarray(labels).astype(str), np.asarray(groups)]), axis=1)
+        smallest = int(np.unique(pairs[0], return_counts=True)[1].min())
     return int(max(2, min(folds, smallest)))
+
+
+def fold_splits(
+    y: np.ndarray, k: int, seed: int, groups: np.ndarray | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Seeded stratified k-fold (train rows, held-out rows); with ``groups`` (near-copies of one
+    thing share a key) no group straddles a fold, or held-out rows would be scored on their own
+    copies: on magnetic tiles that made 3-fold CV say 0.91 for a head that scored 0.55 on unseen
+    tiles."""
+    if groups is None:
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        return list(splitter.split(np.zeros(len(y)), y))
+    grouped = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return list(grouped.split(np.zeros(len(y)), y, groups))
 
 
 def balanced_row_weights(y: np.ndarray, num_classes: int) -> np.ndarray:
@@ -185,16 +203,16 @@ def cv_curve(
     seed: int,
     max_iter: int = MAX_ITER,
     balanced: bool = False,
+    groups: np.ndarray | None = None,
 ) -> CvCurve:
     """Stratified k-fold accuracy of every C on standardised rows ``z`` (C ascending), all folds
     solved as one batch and the C path walked with warm starts. ``balanced`` weighs the classes
     alike in the loss and scores balanced accuracy (the mean recall) instead of accuracy."""
-    k = fold_count(y, folds)
-    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    k = fold_count(y, folds, groups)
     basis = _span_basis(z)
     zr, yt = _as_tensors(z @ basis if basis is not None else z, y)
     held_out = torch.zeros(k, len(y), dtype=torch.bool)
-    for f, (_, test) in enumerate(splitter.split(zr, y)):
+    for f, (_, test) in enumerate(fold_splits(y, k, seed, groups)):
         held_out[f, torch.from_numpy(test)] = True
     row = torch.ones(len(y), dtype=zr.dtype)
     if balanced:
@@ -242,15 +260,18 @@ def fit_logistic(
     folds: int = 5,
     max_iter: int = MAX_ITER,
     balanced: bool = False,
+    groups: np.ndarray | None = None,
 ) -> tuple[LogisticFit, CvCurve | None]:
     """Standardise, choose C by k-fold CV on these rows (skipped when ``cs`` has one value),
     refit on all of them, and fold the standardisation back into the layer. ``balanced`` weighs
-    every class alike (imbalanced data)."""
+    every class alike (imbalanced data); ``groups`` keeps near-copies in one fold."""
     y = np.asarray(y)
     scaler = Standardiser.fit(x)
     z = scaler.apply(x)
     curve = (
-        cv_curve(z, y, num_classes, cs, folds, seed, max_iter, balanced) if len(cs) > 1 else None
+        cv_curve(z, y, num_classes, cs, folds, seed, max_iter, balanced, groups)
+        if len(cs) > 1
+        else None
     )
     c = curve.grid[curve.best] if curve is not None else cs[0]
     basis = _span_basis(z)

@@ -19,9 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedKFold
 
-from components.training.logistic import CvCurve, fold_count
+from components.training.logistic import CvCurve, fold_count, fold_splits
 
 # Penalties relative to the mean eigenvalue of the Gram matrix (scale-free across cuts).
 DEFAULT_ALPHAS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -34,17 +33,18 @@ def ridge_cv_curve(
     folds: int,
     seed: int,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
+    groups: np.ndarray | None = None,
 ) -> CvCurve:
-    """Stratified k-fold accuracy of a ridge classifier at every relative penalty ``alphas``."""
-    k = fold_count(y, folds)
-    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    """Stratified k-fold accuracy of a ridge classifier at every relative penalty ``alphas``
+    (``groups``: near-copies kept in one fold)."""
+    k = fold_count(y, folds, groups)
     x = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float64))
     if x.shape[0] < x.shape[1]:  # rotate onto the rows' span: the same fits in fewer dimensions
         _, s, vt = torch.linalg.svd(x, full_matrices=False)
         x = x @ vt[s > s[0] * 1e-8].T
     targets = torch.nn.functional.one_hot(torch.from_numpy(np.asarray(y)), num_classes).double()
     scores = np.zeros((k, len(alphas)))
-    for f, (train, test) in enumerate(splitter.split(z, y)):
+    for f, (train, test) in enumerate(fold_splits(y, k, seed, groups)):
         xt, xv = x[train], x[test]
         mean = xt.mean(dim=0)
         xt, xv = xt - mean, xv - mean

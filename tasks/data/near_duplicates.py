@@ -1,5 +1,6 @@
-"""Near-duplicate task: copies across splits quarantined from the held-out side, copies across
-labels reported, read from the features the embedding stage has just cached."""
+"""Near-duplicate task: where the pipeline drew the splits, each group of copies is moved whole
+into one split; copies still across splits are quarantined from the held-out side, copies across
+labels reported. Read from the features the embedding stage has just cached."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from components.common.config import ValidationConfig
+from components.common.config import DataConfig, ValidationConfig
 from components.data import near_duplicates, validation
 from components.data.contact_sheet import write_contact_sheet
 from components.data.scan import read_manifest
@@ -43,8 +44,11 @@ def quarantine_near_duplicates(
     prep: Preprocessing,
     engine: ExtractionEngine,
     cfg: ValidationConfig,
+    data: DataConfig,
+    seed: int,
 ) -> validation.ValidationReport:
-    """The validation report with held-out near-copies of other splits' images quarantined.
+    """The validation report with near-copy groups whole in one split where the pipeline drew
+    the splits, and held-out near-copies of other splits' images quarantined.
 
     Runs after the embedding at ``prep``, so every row it reads is already cached: the search costs
     one matrix product and the hashes of its candidates, no forward pass.
@@ -57,9 +61,24 @@ def quarantine_near_duplicates(
     features = engine.features(manifest["path"].tolist(), manifest["sha256"].tolist(), prep)[head]
     found = near_duplicates.find_near_duplicates(manifest, features, cfg)
     out_dir = report.json_path.parent
-    sheet = _sheet(found, out_dir / SHEET, cfg)
+    moves: dict[str, str] = {}
+    drawn = report.scan is not None and report.scan.layout == "classes"
+    if cfg.near_duplicate_regroup and drawn:
+        regrouped = near_duplicates.regroup(
+            manifest, found, data, seed, cfg.near_duplicate_group_max
+        )
+        found, moves, groups = regrouped.found, regrouped.moves, regrouped.groups
+        section = regrouped.section(_sheet(found, out_dir / SHEET, cfg))
+        logger.info(
+            "%d files moved so that each of %d near-copy groups lies whole in one split",
+            len(moves),
+            regrouped.n_groups,
+        )
+    else:
+        groups = near_duplicates.group_keys(manifest, found.pairs, cfg.near_duplicate_group_max)
+        section = found.to_dict(_sheet(found, out_dir / SHEET, cfg))
     amended = validation.quarantine_more(
-        report, found.quarantined, found.to_dict(sheet), out_dir / USABLE
+        report, found.quarantined, section, out_dir / USABLE, moves, groups
     )
     for p in found.label_conflicts[:20]:
         logger.warning(

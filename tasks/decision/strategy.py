@@ -38,7 +38,9 @@ def select_case(
         manifest = read_manifest(usable_manifest)
         train = load_splits(manifest, list(counts.classes), engine, prep)["train"]
         prefer = strategy.probe_preference(similarity, cfg.strategy)
-        probe = strategy.probe_cuts(train.features, train.labels, cfg.seed, prefer)
+        probe = strategy.probe_cuts(
+            train.features, train.labels, cfg.seed, prefer, groups=train.groups
+        )
     plan = replace(
         strategy.select_case(counts, similarity, cfg.strategy, probe), resolution=resolution
     )

@@ -52,7 +52,7 @@ def _runner_up_plan(
 ) -> TransferPlan:
     probe = plan.probe
     if case == 2 and probe is None and cfg.strategy.cut_block is None:
-        probe = strategy.probe_cuts(train.features, train.labels, cfg.seed)
+        probe = strategy.probe_cuts(train.features, train.labels, cfg.seed, groups=train.groups)
     return strategy.plan_for_case(plan, case, probe, cfg.strategy.cut_block)
 
 

@@ -330,3 +330,36 @@ def test_plan_sets_held_out_near_copies_aside(tmp_path: Path) -> None:
     )
     usable = Path(validation["report"]["usable_manifest_path"])
     assert usable.name == "usable_manifest_deduplicated.csv" and str(copy) not in usable.read_text()
+
+
+def test_plan_keeps_near_copies_in_one_split_when_it_draws_the_splits(tmp_path: Path) -> None:
+    """Class folders: the pipeline draws the splits, so a near-copy and its original are put in
+    the same split rather than the held-out one being quarantined: nothing is lost, nothing leaks."""
+    import pandas as pd
+    from PIL import Image
+
+    photos = Path(__file__).parents[1] / "data" / "ants_bees"
+    root = tmp_path / "classes"
+    for label in ("ants", "bees"):
+        (root / label).mkdir(parents=True)
+        for i, src in enumerate(sorted((photos / label).glob("*.jpg"))):
+            shutil.copy(src, root / label / src.name)
+            if i < 6:  # JPEG q70 re-encodes: each should end in its original's split
+                Image.open(src).save(root / label / f"copy-{src.name}", quality=70)
+    summary = plan_flow(data=str(root), config=_config(tmp_path))
+    found = summary["near_duplicates"]
+    assert found["n_pairs"] >= 12 and found["n_quarantined"] == 0 and found["n_moved"] >= 1
+    assert found["n_cross_split"] == 0 and found["largest_group"] >= 2
+    assert summary["quarantined"] == [] and summary["counts"]["total"] == 44
+    validation = json.loads(
+        (Path(summary["run_dir"]) / "validation" / "validation.json").read_text()
+    )
+    usable = pd.read_csv(validation["report"]["usable_manifest_path"])
+    split_of = dict(zip(usable["path"], usable["split"], strict=True))
+    group_of = dict(zip(usable["path"], usable["group"], strict=True))
+    for label in ("ants", "bees"):
+        for copy in (root / label).glob("copy-*.jpg"):
+            original = root / label / copy.name.removeprefix("copy-")
+            assert split_of[str(copy)] == split_of[str(original)], copy
+            # and one group key, which keeps them in one fold wherever train is split again
+            assert group_of[str(copy)] == group_of[str(original)] == f"{label}/{original.name}"

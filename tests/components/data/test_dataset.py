@@ -1,6 +1,7 @@
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -170,3 +171,27 @@ def test_single_class_dataset_fails_validation(tmp_path: Path) -> None:
     assert not report.passed
     with pytest.raises(DataValidationError, match="1 class"):
         report.raise_if_failed()
+
+
+def test_a_group_of_files_is_placed_whole_where_its_key_would_go(digits_root: Path) -> None:
+    from components.data.scan import assign_splits
+
+    m = _scan(digits_root)
+    one_by_one = assign_splits(m, DataConfig(), 0)
+    assert one_by_one.tolist() == m["split"].tolist()
+    # the files of each class in runs of four: each run goes where its first file went
+    keys = m.groupby("label")["relpath"].transform(
+        lambda r: r.iloc[(np.arange(len(r)) // 4) * 4].to_numpy()
+    )
+    grouped = assign_splits(m, DataConfig(), 0, groups=keys)
+    assert (grouped.groupby(keys).nunique() == 1).all()
+    first = keys == m["relpath"]
+    # the rules that keep half of a class for training and one group for validation move whole
+    # groups, never parts, and only where their class needs it
+    moved = first & (grouped != one_by_one)
+    val_keys = keys[first & (grouped == "val")].groupby(m["label"]).size()
+    for i in m.index[moved]:
+        assert grouped[i] == "train" or val_keys[m.at[i, "label"]] == 1
+    assert moved.sum() < first.sum() / 4
+    per = grouped.groupby([m["label"], grouped]).size().unstack(fill_value=0)
+    assert (per["val"] >= 1).all() and (per["train"] >= per.sum(axis=1) / 2).all()

@@ -160,3 +160,92 @@ def test_images_too_small_to_judge_are_not_searched(searched) -> None:
         manifest, features, ValidationConfig(near_duplicate_min_side=10_000)
     )
     assert found.pairs == () and found.n_too_small == len(manifest) and found.n_images == 0
+
+
+def _pair(a: str, b: str, splits: dict[str, str], cosine: float = 0.99, labels: str = "xx"):
+    from components.data.near_duplicates import NearDuplicatePair
+
+    return NearDuplicatePair(a, b, splits[a], splits[b], labels[0], labels[1], cosine, 2)
+
+
+def test_copy_groups_grow_from_the_closest_pairs_and_stop_at_their_size() -> None:
+    from components.data.near_duplicates import copy_groups
+
+    splits = dict.fromkeys(["a", "b", "c", "d", "e", "f", "g"], "train")
+    chain = (
+        _pair("a", "b", splits, 0.99),
+        _pair("c", "d", splits, 0.98),
+        _pair("b", "c", splits, 0.90),  # the weakest link of the chain a-b-c-d
+        _pair("e", "f", splits, 0.97),
+        _pair("f", "g", splits, 0.96, labels="xy"),  # across labels: joins nothing
+    )
+    assert copy_groups(chain, max_size=3) == {
+        "a": "a",
+        "b": "a",
+        "c": "c",
+        "d": "c",
+        "e": "e",
+        "f": "e",
+    }
+    assert set(copy_groups(chain, max_size=4).values()) == {"a", "e"}  # the chain fits whole
+    assert copy_groups((), max_size=8) == {}
+
+
+def _drawn(n_per_class: int) -> pd.DataFrame:
+    """Two classes of files named as a folder of class folders would give them."""
+    rows = [
+        {"path": f"/d/{c}/{i:03d}.png", "relpath": f"{c}/{i:03d}.png", "label": c}
+        for c in ("a", "b")
+        for i in range(n_per_class)
+    ]
+    frame = pd.DataFrame(rows)
+    from components.data.scan import assign_splits
+
+    return frame.assign(split=assign_splits(frame, DataConfig(), 0))
+
+
+def test_regroup_puts_each_group_whole_in_one_split_and_moves_nothing_else() -> None:
+    from components.data.near_duplicates import NearDuplicates, regroup
+
+    manifest = _drawn(40)
+    split = dict(zip(manifest["path"], manifest["split"], strict=True))
+    by_split = {
+        s: sorted(p for p, where in split.items() if where == s and "/a/" in p)
+        for s in split.values()
+    }
+    # a group of five copies drawn across all three splits, and a copy across labels
+    group = by_split["train"][:2] + by_split["val"][:2] + by_split["test"][:1]
+    pairs = tuple(_pair(group[0], other, split) for other in group[1:])
+    conflict = _pair(by_split["train"][5], "/d/b/000.png", split, 0.95, labels="ab")
+    found = NearDuplicates(len(manifest), 10, (*pairs, conflict), {})
+    regrouped = regroup(manifest, found, DataConfig(), 0, max_size=8)
+    after = split | regrouped.moves
+    assert len({after[p] for p in group}) == 1  # whole, in the split of its first file by path
+    assert after[group[0]] == split[min(group)]
+    assert set(regrouped.moves) <= set(group)  # no file outside a group moves
+    assert regrouped.n_groups == 1 and regrouped.largest_group == 5
+    within = [p for p in regrouped.found.pairs if not p.label_conflict]
+    assert not any(p.cross_split for p in within)
+    # the label conflict stays a conflict, and is quarantined from its held-out side if it crosses
+    crossing = split[conflict.first] != split[conflict.second]
+    held_out = conflict.second if split[conflict.second] != "train" else conflict.first
+    assert (held_out in regrouped.found.quarantined) == crossing
+    assert all(p.second_split != "train" or not p.cross_split for p in regrouped.found.pairs)
+    from components.data.validation import _near_duplicate_lines
+
+    line = f"{len(regrouped.moves)} files moved so that each of 1 groups"
+    assert line in " ".join(_near_duplicate_lines(regrouped.section(None)))
+
+
+def test_regroup_is_deterministic_and_keeps_a_copy_free_split() -> None:
+    from components.data.near_duplicates import NearDuplicates, regroup
+
+    manifest = _drawn(30)
+    none = regroup(manifest, NearDuplicates(len(manifest), 0, (), {}), DataConfig(), 0, 8)
+    assert none.moves == {} and none.n_groups == 0 and none.found.quarantined == {}
+    split = dict(zip(manifest["path"], manifest["split"], strict=True))
+    paths = manifest["path"].tolist()
+    pairs = tuple(_pair(paths[i], paths[i + 1], split) for i in range(0, 20, 2))
+    found = NearDuplicates(len(manifest), 10, pairs, {})
+    first = regroup(manifest, found, DataConfig(), 0, 8)
+    assert regroup(manifest, found, DataConfig(), 0, 8) == first

@@ -124,3 +124,23 @@ def test_probe_is_deterministic_for_a_seed() -> None:
     first = probe_cuts(feats, y, seed=5)
     again = probe_cuts(feats, y, seed=5)
     assert first == again
+
+
+def test_probe_with_groups_scores_unseen_groups_and_subsamples_whole_ones() -> None:
+    # block5 separates the classes; "head" only tells groups apart (labels random per group),
+    # which copies of a training group in a held-out fold would reward.
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(60), 4)
+    y = np.repeat(rng.permutation(np.arange(60) % 2), 4)
+    feats = {
+        "block5": np.eye(2)[y] * 2 + rng.normal(size=(240, 2)),
+        "head": np.repeat(rng.normal(size=(60, 150)), 4, axis=0)
+        + 0.05 * rng.normal(size=(240, 150)),
+    }
+    leaky = probe_cuts(feats, y, seed=0, prefer="head")
+    honest = probe_cuts(feats, y, seed=0, prefer="head", groups=groups)
+    head = leaky.cuts.index("head")
+    assert leaky.means[head] > 0.9 and leaky.chosen == "head"
+    assert honest.means[head] < 0.7 and honest.chosen == "block5"
+    small = probe_cuts(feats, y, seed=0, max_rows=100, groups=groups)
+    assert small.folds == 3 and small.chosen == "block5"

@@ -205,3 +205,16 @@ def test_the_report_shows_a_tie_each_cases_size_and_the_frozen_measurement() -> 
     sentence = result.sentence()
     assert "case 2 at 224 px scored 0.943" in sentence and "case 4 at 128 px 0.950" in sentence
     assert "a tie within 0.019" in sentence and "settled for case 4" in sentence
+
+
+def test_nested_split_keeps_each_group_of_copies_on_one_side() -> None:
+    labels = np.repeat(np.arange(2), 60)
+    groups = np.array([f"g{i // 3}" for i in range(120)])  # 40 groups of three copies
+    data = SplitData([f"{i}.png" for i in range(120)], labels, {"head": np.eye(120)}, groups)
+    inner_train, inner_val = nested_split(data, 0.2, seed=0)
+    assert not set(inner_train.groups) & set(inner_val.groups)
+    assert 18 <= len(inner_val.labels) <= 30 and set(inner_val.labels) == {0, 1}
+    assert nested_split(data, 0.2, seed=0)[1].paths == inner_val.paths
+    rows = [int(p.split(".")[0]) for p in inner_val.paths]
+    assert (inner_val.features["head"].argmax(1) == rows).all()
+    assert inner_val.groups.tolist() == groups[rows].tolist()

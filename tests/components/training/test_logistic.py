@@ -71,3 +71,31 @@ def test_balanced_weights_lift_the_minority_class() -> None:
     minority = y == 1
     assert np.mean(balanced.predict(x[minority]) == 1) > np.mean(plain.predict(x[minority]) == 1)
     assert np.mean(balanced.predict(x[minority]) == 1) >= 0.6
+
+
+def _copies_with_no_signal(groups: int, copies: int, dims: int, seed: int):
+    """``groups`` random points, each repeated ``copies`` times with a little noise, labelled at
+    random per group: a held-out copy of a training row is easy, an unseen group is a coin toss."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(groups, dims))
+    x = np.repeat(centres, copies, axis=0) + 0.05 * rng.normal(size=(groups * copies, dims))
+    labels = rng.permutation(np.arange(groups) % 2)
+    return x.astype(np.float32), np.repeat(labels, copies), np.repeat(np.arange(groups), copies)
+
+
+def test_folds_keep_copies_together_so_cv_scores_unseen_things() -> None:
+    from components.training.logistic import fold_count, fold_splits
+
+    x, y, groups = _copies_with_no_signal(60, 4, 200, seed=3)
+    for train, test in fold_splits(y, 3, seed=0, groups=groups):
+        assert not set(groups[train]) & set(groups[test])
+    assert [t.tolist() for _, t in fold_splits(y, 3, 0, groups)] == [
+        t.tolist() for _, t in fold_splits(y, 3, 0, groups)
+    ]
+    assert fold_count(y, 5, groups) == 5 and fold_count(y[:8], 5, groups[:8]) == 2
+    z = Standardiser.fit(x).apply(x)
+    cs = (0.01, 1.0)
+    leaky = cv_curve(z, y, 2, cs, folds=3, seed=0)
+    honest = cv_curve(z, y, 2, cs, folds=3, seed=0, groups=groups)
+    assert leaky.means[leaky.best] > 0.9  # held-out copies of training rows
+    assert honest.means[honest.best] < 0.7  # no signal across groups
