@@ -87,9 +87,13 @@ def test_race_verdicts() -> None:
     from components.training.finetune import RaceRule
 
     rule = RaceRule(after_epoch=2, behind=0.8, ahead=0.9)
-    assert rule.verdict(1, 0.1) is None  # before the first comparison nothing is settled
-    assert rule.verdict(2, 0.79) == "behind" and rule.verdict(2, 0.91) == "ahead"
-    assert rule.verdict(5, 0.85) is None
+    assert rule.verdict(1, [0.1, 0.1]) is None  # before the first comparison nothing is settled
+    assert rule.verdict(2, [0.5, 0.6, 0.79]) == "behind"
+    assert rule.verdict(2, [0.5, 0.6, 0.91]) == "ahead"
+    assert rule.verdict(5, [0.8, 0.85]) is None
+    # judged on the best epoch, whose weights are kept and reported, not on the last one
+    assert rule.verdict(2, [0.95, 0.6, 0.5]) == "ahead"
+    assert rule.verdict(2, [0.5, 0.85, 0.7]) is None
 
 
 def test_class_weights_only_when_imbalanced_or_asked(setup, tmp_path: Path) -> None:
