@@ -207,8 +207,14 @@ class Regrouped:
     found: NearDuplicates  # pairs with their new splits; the quarantine of those still across
     moves: dict[str, str]  # path -> its new split
     groups: dict[str, str]  # path -> its group's key (the relpath of its first file)
-    n_groups: int
-    largest_group: int
+
+    @property
+    def n_groups(self) -> int:
+        return len(set(self.groups.values()))
+
+    @property
+    def largest_group(self) -> int:
+        return max(Counter(self.groups.values()).values(), default=0)
 
     def section(self, contact_sheet: Path | None) -> dict[str, Any]:
         return self.found.to_dict(contact_sheet) | {
@@ -248,14 +254,7 @@ def regroup(
         for path, new in zip(manifest["path"], drawn, strict=True)
         if path in groups and new != splits[path]
     }
-    sizes = Counter(groups.values())
-    return Regrouped(
-        with_splits(found, splits | moves),
-        moves,
-        groups,
-        len(sizes),
-        max(sizes.values(), default=0),
-    )
+    return Regrouped(with_splits(found, splits | moves), moves, groups)
 
 
 def _allowed_distance(cosine: float, cfg: ValidationConfig) -> int:

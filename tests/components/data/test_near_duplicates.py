@@ -13,9 +13,16 @@ from PIL import Image
 
 from components.common.config import DataConfig, ValidationConfig
 from components.data.contact_sheet import write_contact_sheet
-from components.data.near_duplicates import NearDuplicates, candidate_pairs, find_near_duplicates
-from components.data.scan import read_manifest, scan_dataset
-from components.data.validation import quarantine_more, validate_manifest
+from components.data.near_duplicates import (
+    NearDuplicatePair,
+    NearDuplicates,
+    candidate_pairs,
+    copy_groups,
+    find_near_duplicates,
+    regroup,
+)
+from components.data.scan import assign_splits, read_manifest, scan_dataset
+from components.data.validation import _near_duplicate_lines, quarantine_more, validate_manifest
 from components.engine.backbones import load_backbone
 from components.engine.extraction import ExtractionEngine
 
@@ -163,14 +170,10 @@ def test_images_too_small_to_judge_are_not_searched(searched) -> None:
 
 
 def _pair(a: str, b: str, splits: dict[str, str], cosine: float = 0.99, labels: str = "xx"):
-    from components.data.near_duplicates import NearDuplicatePair
-
     return NearDuplicatePair(a, b, splits[a], splits[b], labels[0], labels[1], cosine, 2)
 
 
 def test_copy_groups_grow_from_the_closest_pairs_and_stop_at_their_size() -> None:
-    from components.data.near_duplicates import copy_groups
-
     splits = dict.fromkeys(["a", "b", "c", "d", "e", "f", "g"], "train")
     chain = (
         _pair("a", "b", splits, 0.99),
@@ -199,14 +202,10 @@ def _drawn(n_per_class: int) -> pd.DataFrame:
         for i in range(n_per_class)
     ]
     frame = pd.DataFrame(rows)
-    from components.data.scan import assign_splits
-
     return frame.assign(split=assign_splits(frame, DataConfig(), 0))
 
 
 def test_regroup_puts_each_group_whole_in_one_split_and_moves_nothing_else() -> None:
-    from components.data.near_duplicates import NearDuplicates, regroup
-
     manifest = _drawn(40)
     split = dict(zip(manifest["path"], manifest["split"], strict=True))
     by_split = {
@@ -231,15 +230,11 @@ def test_regroup_puts_each_group_whole_in_one_split_and_moves_nothing_else() -> 
     held_out = conflict.second if split[conflict.second] != "train" else conflict.first
     assert (held_out in regrouped.found.quarantined) == crossing
     assert all(p.second_split != "train" or not p.cross_split for p in regrouped.found.pairs)
-    from components.data.validation import _near_duplicate_lines
-
     line = f"{len(regrouped.moves)} files moved so that each of 1 groups"
     assert line in " ".join(_near_duplicate_lines(regrouped.section(None)))
 
 
 def test_regroup_is_deterministic_and_keeps_a_copy_free_split() -> None:
-    from components.data.near_duplicates import NearDuplicates, regroup
-
     manifest = _drawn(30)
     none = regroup(manifest, NearDuplicates(len(manifest), 0, (), {}), DataConfig(), 0, 8)
     assert none.moves == {} and none.n_groups == 0 and none.found.quarantined == {}
