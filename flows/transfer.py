@@ -19,6 +19,7 @@ from components.common.plan import TransferPlan
 from components.data.changes import PreviousRun
 from components.data.counting import DatasetCounts
 from components.data.validation import ValidationReport
+from components.decision.reporting import final_fit_sentence
 from components.engine.extraction import ExtractionEngine
 from components.engine.images import Preprocessing
 from components.similarity.scores import SimilarityReport
@@ -251,6 +252,7 @@ def _decision_summary(d: Decision) -> dict[str, Any]:
         },
         "probe": None if d.plan.probe is None else asdict(d.plan.probe),
         "verification": d.plan.verification,
+        "final_fit": final_fit_sentence(d.counts, d.plan),
         "quarantined": [{"path": q.path, "reason": q.reason} for q in d.validation.quarantined],
         "scan": None if d.validation.scan is None else d.validation.scan.to_dict(),
         "near_duplicates": d.validation.near_duplicates,

@@ -74,6 +74,8 @@ def decision_markdown(
         "",
         counts.to_markdown(),
         "",
+        f"- {final_fit_sentence(counts, plan)}",
+        "",
         "## Similarity to the source domain",
         f"- score **{similarity.score:.3f}** (90% bootstrap interval {similarity.low:.3f}-{similarity.high:.3f}, "
         f"threshold {plan.similar_threshold:.2f}){' - **uncertain**' if plan.uncertain else ''}",
@@ -150,6 +152,24 @@ def decision_markdown(
                 + (f", estimate {v['estimated_seconds']} s)" if v["estimated_seconds"] else ")")
             )
     return "\n".join(lines) + "\n"
+
+
+def final_fit_sentence(counts: DatasetCounts, plan: TransferPlan) -> str:
+    """Which images the final model learns from and which only judge it. Not refitted on
+    train + validation: the promotion gate falls back to the validation split when there is no
+    test split, and the reported validation accuracy must stay an estimate on unseen images."""
+    split = counts.per_split
+    chooses = (
+        "the L2 strength by k-fold cross-validation on it"
+        if plan.case in (1, 2)
+        else "the epoch kept by its validation accuracy"
+    )
+    return (
+        f"Final fit: on the training split only ({split.get('train', 0)} images), "
+        f"{chooses}; the validation split ({split.get('val', 0)}) is an honest estimate and the "
+        f"test split ({split.get('test', 0)}) is scored once, by the final model and the "
+        "promotion gate. Not refitted on train + validation."
+    )
 
 
 def _interval(bounds: object) -> str:

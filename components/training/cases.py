@@ -1,8 +1,10 @@
 """Training the chosen case: a head on cached features (1, 2) or a fine-tune (3, 4).
 
-Case 4 defines success as beating both ``train.success_accuracy`` and the frozen linear probe on the
-validation split; a pre-trained fine-tune that fails it is followed by one from random
-initialisation, and the better of the two is kept. Both attempts are recorded.
+A pre-trained fine-tune starts from the frozen linear probe's head, and that start competes with
+every epoch on the validation split: a fine-tune that never beats it keeps it. Case 4 defines
+success as a fine-tuned epoch beating both ``train.success_accuracy`` and the probe; a pre-trained
+fine-tune that fails it is followed by one from random initialisation, and the better is kept.
+Every attempt is recorded.
 """
 
 from __future__ import annotations
@@ -236,7 +238,9 @@ def _finetuned(job: TrainingJob, device: torch.device) -> tuple[_Trained, list[d
             job,
             model,
             spec,
-            settings if init == "pretrained" else _random_init_settings(settings),
+            replace(settings, keep_start=True)
+            if init == "pretrained"
+            else _random_init_settings(settings),
             (job.checkpoint_dir or job.run_dir / "checkpoints") / f"{init}.pt",
             device,
             share,
@@ -249,19 +253,33 @@ def _finetuned(job: TrainingJob, device: torch.device) -> tuple[_Trained, list[d
                 "seconds": result.seconds,
                 "resumed_from_epoch": result.resumed_from_epoch,
                 "raced": result.raced,
+                **(
+                    {}
+                    if result.start_accuracy is None
+                    else {
+                        "start_val_accuracy": result.start_accuracy,
+                        "kept": "start" if result.best_epoch < 0 else "fine-tuned",
+                    }
+                ),
             }
         )
+        if result.best_epoch < 0:
+            log.info(
+                "the fine-tune never beat its starting linear probe (%.4f on validation): "
+                "the probe's weights are kept",
+                result.val_accuracy,
+            )
         if best is None or result.val_accuracy > best[2]:
             best = (model, spec, result.val_accuracy, result.history)
         if result.raced is not None:  # a verification race is settled: no fallback needed
             break
         if init == "pretrained" and plan.case == 4:
             target = max(cfg.success_accuracy, probe.val_accuracy)
-            success = result.val_accuracy >= target
+            success = result.best_epoch >= 0 and result.val_accuracy >= target  # a trained epoch
             attempts[-1]["success"] = success
             log.info(
-                "case 4: pre-trained fine-tune %.4f vs target %.4f -> %s",
-                result.val_accuracy,
+                "case 4: pre-trained fine-tune %s vs target %.4f -> %s",
+                f"{result.val_accuracy:.4f}" if result.best_epoch >= 0 else "never beat its start",
                 target,
                 "kept" if success else "trying random initialisation",
             )

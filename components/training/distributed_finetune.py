@@ -31,7 +31,7 @@ from torch import nn
 from components.engine.backbones import Backbone
 from components.engine.images import Preprocessing
 from components.training import distributed
-from components.training.finetune import FinetuneResult, FinetuneSettings, finetune
+from components.training.finetune import FinetuneResult, FinetuneSettings, RaceRule, finetune
 from components.training.models import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,12 @@ def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     tmp.replace(path)
 
 
+def _settings(fields: dict[str, Any]) -> FinetuneSettings:
+    """The settings back from the job file, the race rule (a nested record there) included."""
+    race = fields.get("race")
+    return FinetuneSettings(**{**fields, "race": None if race is None else RaceRule(**race)})
+
+
 def _network(job: DistributedJob) -> nn.Module:
     # The initial weights hold the pre-trained body already, so the backbone's own weights file is
     # never needed here: the architecture gives the shape, the launcher's state dict the values.
@@ -100,7 +106,7 @@ def run_worker(job: DistributedJob) -> FinetuneResult:
             (job.train_paths, job.train_labels),
             (job.val_paths, job.val_labels),
             Preprocessing.from_dict(job.preprocessing),
-            FinetuneSettings(**job.settings),
+            _settings(job.settings),
             Path(job.checkpoint),
             device,
             job.seed,

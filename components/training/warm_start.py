@@ -132,7 +132,7 @@ def continue_training(
         base, epochs=warm.epochs, lr=base.lr * warm.lr_factor, warmup_epochs=0, measure_start=True
     )
     result = train(model, spec, settings, checkpoint)
-    start = result.start_accuracy  # None when resumed from a checkpoint: its start was kept then
+    start = result.start_accuracy  # None from a checkpoint that did not record it
     noise = 0.0 if start is None else math.sqrt(start * (1 - start) / max(n_val, 1))
     kept = start is None or result.val_accuracy >= start - noise
     attempt = {

@@ -1,9 +1,12 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from components.common.config import StrategyConfig
 from components.common.errors import ConfigError
 from components.data.counting import DatasetCounts
+from components.decision.reporting import decision_markdown
 from components.decision.strategy import planned_case, probe_cuts, select_case
 from components.similarity.scores import SimilarityReport
 
@@ -144,3 +147,13 @@ def test_probe_with_groups_scores_unseen_groups_and_subsamples_whole_ones() -> N
     assert honest.means[head] < 0.7 and honest.chosen == "block5"
     small = probe_cuts(feats, y, seed=0, max_rows=100, groups=groups)
     assert small.folds == 3 and small.chosen == "block5"
+
+
+@pytest.mark.parametrize(("case", "chooses"), [(1, "cross-validation"), (4, "the epoch kept")])
+def test_the_report_says_which_images_the_final_model_learns_from(case: int, chooses: str) -> None:
+    counts = replace(_counts(50), total=130, per_split={"train": 100, "val": 16, "test": 14})
+    plan = select_case(counts, _similarity(0.9), StrategyConfig(case=case))
+    report = decision_markdown(counts, _similarity(0.9), plan)
+    line = next(x for x in report.splitlines() if "Final fit" in x)
+    assert "training split only (100 images)" in line and chooses in line
+    assert "validation split (16)" in line and "test split (14)" in line

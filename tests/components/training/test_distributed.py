@@ -19,7 +19,7 @@ from components.engine.backbones import Backbone, load_backbone
 from components.engine.images import Preprocessing
 from components.training.distributed import resolve_processes, state_digest
 from components.training.distributed_finetune import DistributedFinetuneError, launch_distributed
-from components.training.finetune import FinetuneResult, FinetuneSettings
+from components.training.finetune import FinetuneResult, FinetuneSettings, RaceRule
 from components.training.models import ModelSpec, build_model
 
 PREP = Preprocessing(32, (0.5,) * 3, (0.5,) * 3)
@@ -57,6 +57,8 @@ def _settings(epochs: int) -> FinetuneSettings:
         batch_size=15,
         num_workers=0,
         flip=False,
+        keep_start=True,  # scored by both ranks before the first step
+        race=RaceRule(after_epoch=0, behind=0.0, ahead=1.01),  # crosses the job file; never settles
     )
 
 
@@ -117,6 +119,8 @@ def test_two_processes_share_the_data_and_end_with_identical_weights(
     # Sharded validation summed over both ranks: a real accuracy, well above chance for ten digits.
     assert 0.2 < result.val_accuracy <= 1.0
     assert result.val_accuracy == max(h["val_accuracy"] for h in result.history)
+    assert result.start_accuracy is not None and result.start_accuracy < result.val_accuracy
+    assert result.raced is None and result.best_epoch >= 0
     # Both ranks ended with the same weights, the ones loaded back into the caller's model.
     first, second = report["state_sha256"]
     assert first == second == state_digest(model.state_dict()) != state_digest(initial)

@@ -2,6 +2,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from components.common.config import TrainConfig
 from components.data.counting import count_dataset
@@ -10,6 +11,8 @@ from components.decision.strategy import StrategyConfig, select_case
 from components.similarity.scores import SimilarityReport
 from components.training.cases import TrainingJob, choose_image_size, train_case
 from components.training.checkpoints import checkpoint_dir, checkpoint_key, clean_checkpoints
+from components.training.finetune import FinetuneSettings, finetune
+from components.training.models import ModelSpec, build_model, load_model
 
 
 def _plan(manifest, case: int):
@@ -47,6 +50,55 @@ def test_case_4_falls_back_to_random_init_and_keeps_the_better(setup, tmp_path: 
     best = max(a["val_accuracy"] for a in result.attempts if a["init"] != "frozen probe")
     assert result.val_accuracy == best
     assert (tmp_path / "checkpoints" / "random.pt").is_file()
+
+
+def test_a_fine_tune_that_never_beats_its_starting_probe_keeps_the_start(
+    setup, tmp_path: Path
+) -> None:
+    """A learning rate that wrecks the network: every epoch scores below the start (the pre-trained
+    body with the probe's head), so the start's weights are what the case ships."""
+    manifest = setup[0]
+    backbone = setup[1]
+    cfg = _cfg(finetune_epochs=2, finetune_lr=50.0)
+    result = train_case(_job(setup, _plan(manifest, 3), cfg, tmp_path))
+    probe, pretrained = result.attempts
+    assert pretrained["kept"] == "start" and pretrained["best_epoch"] == -1
+    assert max(h["val_accuracy"] for h in result.history) < pretrained["start_val_accuracy"]
+    assert result.val_accuracy == pretrained["start_val_accuracy"] > 0.8
+    assert abs(result.val_accuracy - probe["val_accuracy"]) < 0.05  # the same network, re-scored
+    shipped = load_model(result.model_path, backbone)[0].state_dict()
+    fresh = build_model(ModelSpec(backbone.name, 3, None, 10, "pretrained", 64), backbone)
+    body = [k for k in fresh.state_dict() if not k.startswith("classifier")]
+    assert body and all(torch.equal(shipped[k], fresh.state_dict()[k]) for k in body)
+
+
+def test_scoring_the_start_leaves_the_epochs_as_they_were(setup, tmp_path: Path) -> None:
+    """The start's validation pass draws no random numbers the epochs would have drawn: with the
+    same seed, a fine-tune that keeps its start trains exactly as one that does not."""
+    _, backbone, prep, _, splits = setup
+    settings = FinetuneSettings(
+        epochs=1, lr=1e-3, body_lr_factor=0.1, weight_decay=0.01, label_smoothing=0.1,
+        batch_size=32, num_workers=0, freeze_bn=True,
+    )  # fmt: skip
+    results = []
+    for keep in (False, True):
+        torch.manual_seed(0)  # the same new head
+        model = build_model(ModelSpec(backbone.name, 3, None, 10, "pretrained", 64), backbone)
+        results.append(
+            finetune(
+                model,
+                (splits["train"].paths, splits["train"].labels.tolist()),
+                (splits["val"].paths, splits["val"].labels.tolist()),
+                prep,
+                replace(settings, keep_start=keep),
+                tmp_path / f"keep-{keep}.pt",
+                torch.device("cpu"),
+                0,
+            )
+        )
+    plain, kept = results
+    assert plain.start_accuracy is None and kept.start_accuracy is not None
+    assert kept.history == plain.history
 
 
 def test_fine_tune_resumes_from_its_checkpoint(setup, tmp_path: Path) -> None:
@@ -148,7 +200,6 @@ def test_a_fine_tuned_runner_up_is_verified_at_its_own_size(setup, tmp_path: Pat
     from components.data.splits import load_splits
     from components.decision.verification import decide_verification, verify_runner_up
     from components.engine.extraction import ExtractionEngine
-    from components.training.models import load_model
 
     manifest, backbone, prep, classes, _ = setup
     frozen, tuned = _plan(manifest, 2), _plan(manifest, 4)
