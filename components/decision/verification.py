@@ -59,7 +59,7 @@ class VerificationDecision:
     estimated_seconds: float | None  # committed cost: frozen side + fine-tune to its first rung
     budget_seconds: float
     reason: str
-    worst_seconds: float | None = None  # if the race is never settled early
+    worst_seconds: float | None = None  # if no race is settled early (case 4's fallback too)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -97,8 +97,9 @@ def decide_verification(
             case_seconds(c, n_train - inner_val, inner_val, rung, rate)
             for c in (plan.case, runner_up)
         )
+        # case 4 whose pre-trained fine-tune is no success trains again from random weights
         worst = sum(
-            case_seconds(c, n_train - inner_val, inner_val, epochs, rate)
+            case_seconds(c, n_train - inner_val, inner_val, epochs, rate) * (2 if c == 4 else 1)
             for c in (plan.case, runner_up)
         )
         full = finetune_seconds(n_train, n_val, epochs, rate)
@@ -118,9 +119,12 @@ def decide_verification(
         else:
             run = seconds <= budget
             relation = "fits" if run else "exceeds"
+            fallback = (
+                " and case 4 falls back to random weights" if 4 in (plan.case, runner_up) else ""
+            )
             why = (
                 f"its committed cost of ~{seconds:.0f} s (the fine-tune up to epoch {rung} of "
-                f"{epochs}, at most ~{worst:.0f} s if the race stays close) {relation} the "
+                f"{epochs}, at most ~{worst:.0f} s if the race stays close{fallback}) {relation} the "
                 f"{budget:.0f} s budget ({cfg.verify_budget_share:g} x the ~{full:.0f} s full "
                 f"fine-tune, within {cfg.verify_budget_s:.0f}-{cfg.verify_budget_max_s:.0f} s)"
             )

@@ -66,6 +66,22 @@ def test_auto_verifies_whenever_the_committed_cost_fits_a_budget_that_scales_wit
     assert big.budget_seconds > small.budget_seconds
 
 
+def test_the_worst_case_counts_case_4s_random_initialisation_fallback() -> None:
+    """Only the worst case: the fallback runs only after a pre-trained fine-tune the race did not
+    stop, so the committed cost (what the budget is checked against) is the same as case 3's."""
+    similar = replace(_plan(), min_images_per_class=50)
+    different = replace(similar, case=2, similarity="different", cut="block3")
+    three = decide_verification(similar, StrategyConfig(), 500, 8, lambda: 200.0, 100)
+    four = decide_verification(different, StrategyConfig(), 500, 8, lambda: 200.0, 100)
+    assert (three.runner_up, four.runner_up) == (3, 4)
+    assert four.estimated_seconds == pytest.approx(three.estimated_seconds)
+    inner = 500 - round(500 * 0.2)
+    fine_tune = finetune_seconds(inner, 100, 8, 200.0)
+    assert four.worst_seconds - three.worst_seconds == pytest.approx(fine_tune, abs=0.2)
+    assert "falls back to random weights" in four.reason
+    assert "falls back" not in three.reason
+
+
 def test_off_on_and_user_overrides() -> None:
     plan = _plan()
     assert not decide_verification(plan, StrategyConfig(verify="off"), 500, 8, lambda: 1e6).run
