@@ -202,7 +202,8 @@ def with_splits(found: NearDuplicates, splits: Mapping[str, str]) -> NearDuplica
 
 @dataclass(frozen=True)
 class Regrouped:
-    """Near-copy groups moved whole into one split: what moved, and what is still quarantined."""
+    """Near-copy groups and what moved to keep each whole in one split (nothing, on the user's
+    splits), and what is still quarantined."""
 
     found: NearDuplicates  # pairs with their new splits; the quarantine of those still across
     moves: dict[str, str]  # path -> its new split
@@ -255,6 +256,22 @@ def regroup(
         if path in groups and new != splits[path]
     }
     return Regrouped(with_splits(found, splits | moves), moves, groups)
+
+
+def place_copies(
+    manifest: pd.DataFrame,
+    found: NearDuplicates,
+    cfg: ValidationConfig,
+    data: DataConfig,
+    seed: int,
+    drawn: bool,
+) -> Regrouped:
+    """Where the pipeline drew the splits (``drawn``) and ``near_duplicate_regroup`` is on, each
+    group of copies moves whole into one split; otherwise nothing moves (the user's splits are
+    theirs) and the groups are only keyed, for the folds of later splits of the training rows."""
+    if cfg.near_duplicate_regroup and drawn:
+        return regroup(manifest, found, data, seed, cfg.near_duplicate_group_max)
+    return Regrouped(found, {}, group_keys(manifest, found.pairs, cfg.near_duplicate_group_max))
 
 
 def _allowed_distance(cosine: float, cfg: ValidationConfig) -> int:

@@ -61,24 +61,22 @@ def quarantine_near_duplicates(
     features = engine.features(manifest["path"].tolist(), manifest["sha256"].tolist(), prep)[head]
     found = near_duplicates.find_near_duplicates(manifest, features, cfg)
     out_dir = report.json_path.parent
-    moves: dict[str, str] = {}
     drawn = report.scan is not None and report.scan.layout == "classes"
-    if cfg.near_duplicate_regroup and drawn:
-        regrouped = near_duplicates.regroup(
-            manifest, found, data, seed, cfg.near_duplicate_group_max
-        )
-        found, moves, groups = regrouped.found, regrouped.moves, regrouped.groups
-        section = regrouped.section(_sheet(found, out_dir / SHEET, cfg))
+    placed = near_duplicates.place_copies(manifest, found, cfg, data, seed, drawn)
+    found = placed.found
+    if placed.moves:
         logger.info(
             "%d files moved so that each of %d near-copy groups lies whole in one split",
-            len(moves),
-            regrouped.n_groups,
+            len(placed.moves),
+            placed.n_groups,
         )
-    else:
-        groups = near_duplicates.group_keys(manifest, found.pairs, cfg.near_duplicate_group_max)
-        section = found.to_dict(_sheet(found, out_dir / SHEET, cfg))
     amended = validation.quarantine_more(
-        report, found.quarantined, section, out_dir / USABLE, moves, groups
+        report,
+        found.quarantined,
+        placed.section(_sheet(found, out_dir / SHEET, cfg)),
+        out_dir / USABLE,
+        placed.moves,
+        placed.groups,
     )
     for p in found.label_conflicts[:20]:
         logger.warning(

@@ -19,7 +19,9 @@ from components.data.near_duplicates import (
     candidate_pairs,
     copy_groups,
     find_near_duplicates,
+    place_copies,
     regroup,
+    with_splits,
 )
 from components.data.scan import assign_splits, read_manifest, scan_dataset
 from components.data.validation import _near_duplicate_lines, quarantine_more, validate_manifest
@@ -244,3 +246,20 @@ def test_regroup_is_deterministic_and_keeps_a_copy_free_split() -> None:
     found = NearDuplicates(len(manifest), 10, pairs, {})
     first = regroup(manifest, found, DataConfig(), 0, 8)
     assert regroup(manifest, found, DataConfig(), 0, 8) == first
+
+
+def test_copies_move_only_where_the_pipeline_drew_the_splits() -> None:
+    manifest = _drawn(40)
+    split = dict(zip(manifest["path"], manifest["split"], strict=True))
+    train = sorted(p for p, s in split.items() if s == "train" and "/a/" in p)
+    val = sorted(p for p, s in split.items() if s == "val" and "/a/" in p)
+    found = NearDuplicates(len(manifest), 1, (_pair(train[0], val[0], split),), {})
+    found = with_splits(found, split)  # the held-out side quarantined, as the search leaves it
+    cfg = ValidationConfig()
+    users = place_copies(manifest, found, cfg, DataConfig(), 0, drawn=False)
+    assert users.moves == {} and set(users.found.quarantined) == {val[0]}
+    assert users.groups[train[0]] == users.groups[val[0]]  # keyed for the folds all the same
+    drawn = place_copies(manifest, found, cfg, DataConfig(), 0, drawn=True)
+    assert drawn.moves and drawn.found.quarantined == {}
+    off = cfg.model_copy(update={"near_duplicate_regroup": False})
+    assert place_copies(manifest, found, off, DataConfig(), 0, drawn=True).moves == {}
