@@ -8,7 +8,7 @@ from PIL import Image
 
 from components.common.config import DataConfig, ValidationConfig
 from components.common.errors import DataValidationError
-from components.data.scan import MANIFEST_COLUMNS, read_manifest, scan_dataset
+from components.data.scan import MANIFEST_COLUMNS, assign_splits, read_manifest, scan_dataset
 from components.data.validation import validate_manifest
 from tests.conftest import write_photo
 
@@ -174,8 +174,6 @@ def test_single_class_dataset_fails_validation(tmp_path: Path) -> None:
 
 
 def test_a_group_of_files_is_placed_whole_where_its_key_would_go(digits_root: Path) -> None:
-    from components.data.scan import assign_splits
-
     m = _scan(digits_root)
     one_by_one = assign_splits(m, DataConfig(), 0)
     assert one_by_one.tolist() == m["split"].tolist()

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from components.training.logistic import Standardiser, cv_curve, fit_logistic
+from components.training.logistic import (
+    Standardiser,
+    cv_curve,
+    fit_logistic,
+    fold_count,
+    fold_splits,
+)
 
 
 def _blobs(n_per_class: int, dims: int, classes: int, spread: float, seed: int):
@@ -84,8 +90,6 @@ def _copies_with_no_signal(groups: int, copies: int, dims: int, seed: int):
 
 
 def test_folds_keep_copies_together_so_cv_scores_unseen_things() -> None:
-    from components.training.logistic import fold_count, fold_splits
-
     x, y, groups = _copies_with_no_signal(60, 4, 200, seed=3)
     for train, test in fold_splits(y, 3, seed=0, groups=groups):
         assert not set(groups[train]) & set(groups[test])
